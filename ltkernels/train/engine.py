@@ -1,0 +1,536 @@
+"""Training loop: SGD + warm-up + multistep/cosine, DRW / KPS-GA / FBL hooks, mixup (official two-call form),
+AMP, gradient clipping, DDP (torchrun; gloo on CPU, nccl on GPU), atomic checkpoints with exact resume,
+two-stage recipes (GCL stage 2, cRT, LWS), evaluation, CSV/TensorBoard logs and figures."""
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+
+from ..data import LTSampler, build_datasets
+from ..models import LWSHead, build_model, make_head
+from .config import ConfigError, stage_configs
+from .loss_factory import LossDriver, default_head, fused_available
+from .metrics import collect_outputs, format_table, metrics_from_summary, summarize
+from .schedule import lr_at
+
+CKPT_VERSION = 1
+GROUPS = ("many", "medium", "few")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# infrastructure
+# ---------------------------------------------------------------------------------------------------------
+def dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_distributed(device_kind: str) -> bool:
+    """Initialises the process group when launched by torchrun (WORLD_SIZE > 1). Returns True if it did."""
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        return True
+    return False
+
+
+def pick_device(cfg) -> torch.device:
+    want = cfg.get("device", "auto")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but no CUDA device is available; allowed values are ['auto', 'cpu', 'cuda']")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to ``path.tmp`` then os.replace: a kill never leaves a truncated checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def config_hash(cfg: dict) -> str:
+    keep = {k: v for k, v in cfg.items() if k not in ("train", "output_dir", "methods", "name")}
+    keep["train"] = {k: v for k, v in cfg["train"].items()
+                     if k in ("mixup_alpha", "amp", "max_steps_per_epoch")}
+    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
+
+
+def all_gather_cat(d: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    rank, ws = dist_info()
+    if ws == 1:
+        return d
+    parts = [None] * ws
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in d.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in d}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers used by the loop
+# ---------------------------------------------------------------------------------------------------------
+def resolve_head(cfg: dict) -> str:
+    h = cfg["model"]["head"]
+    return default_head(cfg["loss"]["name"]) if h == "auto" else h
+
+
+def make_posthoc(cfg: dict, model: nn.Module, cls_num_list) -> Optional[Callable]:
+    kind = cfg["eval"].get("posthoc", "none")
+    tau = float(cfg["eval"].get("tau", 1.0))
+    if kind == "none":
+        return None
+    if kind == "logit_adjust":
+        prior = torch.as_tensor(cls_num_list, dtype=torch.float64)
+        logp = torch.log(prior / prior.sum() + 1e-12).float()
+        return lambda z, f: z - tau * logp.to(z.device)
+    if kind == "tau_norm":
+        head = unwrap(model).head
+        if not isinstance(head, nn.Linear):
+            raise ConfigError("eval.posthoc='tau_norm' needs model.head='linear'")
+
+        def fn(z, f):
+            W = head.weight.float()
+            return f @ (W / W.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)).t()
+        return fn
+    raise ConfigError(f"eval.posthoc={kind!r}: allowed values are ['none', 'tau_norm', 'logit_adjust']")
+
+
+def evaluate(model, dataset, cfg, device, cls_num_list, num_classes, logit_scale, amp_dtype=None) -> Dict:
+    """Sharded over DDP ranks (rank r takes samples r, r+W, ...); per-sample summaries are gathered."""
+    rank, ws = dist_info()
+    ds = Subset(dataset, list(range(rank, len(dataset), ws))) if ws > 1 else dataset
+    loader = DataLoader(ds, batch_size=cfg["data"]["eval_batch_size"], shuffle=False,
+                        num_workers=cfg["data"]["num_workers"], pin_memory=device.type == "cuda")
+    posthoc = make_posthoc(cfg, model, cls_num_list)
+    logits, targets, fn = collect_outputs(unwrap(model), loader, device, amp_dtype, posthoc)
+    S = all_gather_cat(summarize(logits, targets, fn, logit_scale))
+    e = cfg["eval"]
+    return metrics_from_summary(S, num_classes, cls_num_list, e["many"], e["few"], e["ece_bins"])
+
+
+def prepare_stage(model, scfg: dict, stage: int, num_classes: int) -> None:
+    """Stage 2: freeze the backbone (kept in eval mode by the loop) and set up the head
+    (keep = initialised from stage 1, reinit = fresh head (cRT), lws = learnable per-class scales)."""
+    if stage == 0:
+        return
+    if scfg.get("freeze_backbone", True):
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    hi = scfg.get("head_init", "keep")
+    if hi == "reinit":
+        feat = model.head.in_features
+        model.head = make_head(resolve_head(scfg), feat, num_classes, scfg["model"].get("cosine_impl", "eager"))
+    elif hi == "lws":
+        if not isinstance(model.head, nn.Linear):
+            raise ConfigError("stage2.head_init='lws' needs a linear stage-1 head (model.head='linear')")
+        model.head = LWSHead(model.head)
+
+
+def mixup(x, y, alpha: float):
+    """Official GCL/LDAM form: λ ~ Beta(α, α) from numpy, one batch permutation (global torch RNG)."""
+    lam = float(np.random.beta(alpha, alpha)) if alpha > 0 else 1.0
+    index = torch.randperm(x.size(0)).to(x.device)
+    return lam * x + (1 - lam) * x[index], y, y[index], lam
+
+
+def noise_generator(seed: int, step: int, call: int, rank: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 4 + call) * 64 + rank)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: dict, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        if cfg.get("num_threads"):
+            torch.set_num_threads(int(cfg["num_threads"]))
+        self.device = pick_device(cfg)
+        self.owns_pg = setup_distributed(self.device.type)
+        self.rank, self.ws = dist_info()
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        self.out = cfg["output_dir"]
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+        self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
+        self.stages = stage_configs(cfg)
+        self.hash = config_hash(cfg)
+        amp = cfg["train"]["amp"]
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.tb = None
+        self.ref_rows: List[dict] = []
+
+    # --------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.time()
+        cfg = self.cfg
+        seed_all(cfg["seed"])
+        ds = build_datasets(cfg["data"], cfg["seed"])
+        self.ds = ds
+        C, counts = ds["num_classes"], ds["cls_num_list"]
+        self.model = build_model({**cfg["model"], "head": resolve_head(cfg)}, C).to(self.device)
+        state = None
+        if cfg["train"]["resume"] and os.path.exists(self.ckpt_path):
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            if state.get("config_hash") != self.hash:
+                raise ConfigError(f"{self.ckpt_path} was written by a different config; delete it, change "
+                                  f"output_dir, or set train.resume=false")
+            if state.get("done"):
+                self.log(f"[{cfg['name']}] already finished; summary from {self.ckpt_path}")
+                return state["summary"]
+            self.log(f"[{cfg['name']}] resuming stage {state['stage'] + 1} epoch {state['epoch']} "
+                     f"step {state['step']}")
+        self.history: List[dict] = state["history"] if state else []
+        self.stage_results: List[dict] = state["stage_results"] if state else []
+        self.global_step = state["global_step"] if state else 0
+        if state is not None and self.rank == 0 and os.path.exists(os.path.join(self.out, "metrics.csv")):
+            os.remove(os.path.join(self.out, "metrics.csv"))   # rewritten from the checkpoint's history
+            for row in self.history:
+                self.log_row(row, quiet=True)
+        if self.rank == 0 and cfg["train"]["tensorboard"]:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(self.out, "tb"))
+            except Exception as e:  # noqa: BLE001
+                self.log(f"tensorboard disabled: {e}")
+        if self.rank == 0:
+            import yaml
+            with open(os.path.join(self.out, "config.yaml"), "w") as f:
+                yaml.safe_dump(cfg, f, sort_keys=False)
+        for si, scfg in enumerate(self.stages):
+            if state is not None and si < state["stage"]:
+                prepare_stage(self.model, scfg, si, C)   # rebuild the later stages' structure
+                continue
+            if state is None or si > state["stage"]:
+                if si > 0 and scfg.get("init") == "best" and self.stage_results[-1].get("best_path"):
+                    self.model.load_state_dict(torch.load(self.stage_results[-1]["best_path"],
+                                                          map_location="cpu", weights_only=False))
+                prepare_stage(self.model, scfg, si, C)
+                res = self.fit_stage(si, scfg, None)
+            else:
+                prepare_stage(self.model, scfg, si, C)
+                res = self.fit_stage(si, scfg, state)
+            self.stage_results.append(res)
+            state = None
+        summary = self.finish(time.time() - t0 + (0.0))
+        return summary
+
+    # --------------------------------------------------------------------------------------------------
+    def fit_stage(self, si: int, scfg: dict, state: Optional[dict]) -> dict:
+        ds, C, counts = self.ds, self.ds["num_classes"], self.ds["cls_num_list"]
+        model = self.model
+        E = int(scfg["optim"]["epochs"])
+        o = scfg["optim"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
+                              nesterov=o["nesterov"])
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
+        driver = LossDriver(scfg["loss"], counts, E, device=self.device)
+        ref_every = int(scfg["train"]["ref_check_every"] or 0)
+        other = None
+        if ref_every:
+            other_impl = "reference" if driver.impl == "fused" else "fused"
+            if other_impl == "fused" and not fused_available():
+                raise ConfigError("train.ref_check_every > 0 compares loss.impl with the other implementation, "
+                                  "but ltkernels.losses (fused) is not importable")
+            other = LossDriver(scfg["loss"], counts, E, device=self.device, impl=other_impl)
+        logit_scale = driver.logit_scale if scfg["eval"]["logit_scale"] == "auto" else float(scfg["eval"]["logit_scale"])
+        d = scfg["data"]
+        per_rank_bs = d["batch_size"] // self.ws
+        if per_rank_bs * self.ws != d["batch_size"]:
+            raise ConfigError(f"data.batch_size={d['batch_size']} (global) must be divisible by the world size {self.ws}")
+        sampler = LTSampler(ds["train"].targets, d["sampler"], seed=scfg["seed"] + 7 * si, rank=self.rank,
+                            world_size=self.ws, class_aware_k=d["class_aware_k"], beta=d["sampler_beta"],
+                            cben_a=d["cben_a"], cben_b=d["cben_b"])
+        wrapped = model
+        if self.ws > 1:
+            wrapped = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        start_epoch, start_step = 0, 0
+        best = {"top1": -1.0, "epoch": -1}
+        best_path = os.path.join(self.out, f"best_stage{si + 1}.pt")
+        running = {"loss": 0.0, "n": 0}
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            start_epoch, start_step = state["epoch"], state["step"]
+            best = state["best"]
+            running = state["running"]
+            set_rng_state(state["rng"][self.rank] if len(state["rng"]) > self.rank else state["rng"][0])
+        val = ds["val"] if scfg["eval"]["select"] == "val" else None
+        eval_set, eval_name = (ds["val"], "val") if ds["val"] is not None else (ds["test"], "test")
+        progress = scfg["train"]["progress"] and self.rank == 0
+        max_steps = scfg["train"].get("max_steps_per_epoch")
+        crash_at = scfg["train"].get("crash_at_step")
+        ck_every = int(scfg["train"]["ckpt_every_steps"] or 0)
+        tag = f"{self.cfg['name']} s{si + 1}" if len(self.stages) > 1 else self.cfg["name"]
+
+        for epoch in range(start_epoch, E):
+            driver.set_epoch(epoch)
+            if other is not None:
+                other.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            step0 = start_step if epoch == start_epoch else 0
+            sampler.set_start(step0 * per_rank_bs)
+            g = torch.Generator()
+            g.manual_seed(scfg["seed"] * 7919 + epoch * 31 + si)
+            loader = DataLoader(ds["train"], batch_size=per_rank_bs, sampler=sampler, num_workers=d["num_workers"],
+                                pin_memory=self.device.type == "cuda", drop_last=d["drop_last"], generator=g)
+            n_steps = len(loader) + step0
+            if max_steps:
+                n_steps = min(n_steps, int(max_steps))
+            if epoch != start_epoch or state is None:
+                running = {"loss": 0.0, "n": 0}
+            model.train()
+            if si > 0 and scfg.get("freeze_backbone", True):
+                model.backbone.eval()
+            it = loader
+            if progress:
+                from tqdm import tqdm
+                it = tqdm(loader, total=n_steps - step0, desc=f"{tag} ep {epoch + 1}/{E}", leave=False,
+                          dynamic_ncols=True)
+            for step, (x, y) in enumerate(it, start=step0):
+                if step >= n_steps:
+                    break
+                lr = lr_at(o, epoch, step, n_steps)
+                for pg in opt.param_groups:
+                    pg["lr"] = lr
+                x = x.to(self.device, non_blocking=True)
+                y = torch.as_tensor(y).to(self.device, non_blocking=True)
+                alpha = float(scfg["train"]["mixup_alpha"] or 0)
+                if alpha > 0:
+                    x, ya, yb, lam = mixup(x, y, alpha)
+                with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype,
+                                    enabled=self.amp_dtype is not None):
+                    logits, feats = wrapped(x, return_features=True)
+                logits, feats = logits.float(), feats.float()
+
+                def crit(target, call):
+                    noise = None
+                    if driver.takes_noise and scfg["loss"]["noise"] == "injected":
+                        gen = noise_generator(scfg["seed"], self.global_step, call, self.rank)
+                        noise = (torch.randn(logits.shape, generator=gen) / 3.0).to(logits.device)
+                    return driver(logits, feats, target, noise)
+
+                loss = lam * crit(ya, 0) + (1 - lam) * crit(yb, 1) if alpha > 0 else crit(y, 0)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if o.get("grad_clip"):
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, float(o["grad_clip"]))
+                scaler.step(opt)
+                scaler.update()
+                running["loss"] += loss.item() * len(y)
+                running["n"] += len(y)
+                if other is not None and self.global_step % ref_every == 0:
+                    self.reference_check(driver, other, logits, feats, y, scfg, si, epoch)
+                self.global_step += 1
+                if ck_every and self.global_step % ck_every == 0 and step + 1 < n_steps:
+                    self.save(si, epoch, step + 1, model, opt, scaler, sampler, best, running, done=False)
+                if crash_at is not None and self.global_step == int(crash_at):
+                    self.log(f"train.crash_at_step={crash_at}: exiting without cleanup (test hook)")
+                    os._exit(17)
+            # ---- end of epoch: evaluate, select, log, checkpoint
+            row = {"stage": si + 1, "epoch": epoch + 1, "lr": lr_at(o, epoch), "train_loss":
+                   running["loss"] / max(1, running["n"])}
+            every = int(scfg["eval"]["every"] or 0)
+            if every and ((epoch + 1) % every == 0 or epoch + 1 == E):
+                m = evaluate(wrapped, eval_set, scfg, self.device, counts, C, logit_scale, self.amp_dtype)
+                row.update({f"{eval_name}_{k}": v for k, v in m.items() if not isinstance(v, list)})
+                row["feat_norm_per_class"] = m.get("feat_norm_per_class")
+                if val is not None and m["top1"] > best["top1"]:
+                    best = {"top1": m["top1"], "epoch": epoch + 1}
+                    if self.rank == 0:
+                        atomic_save(model.state_dict(), best_path)
+            self.history.append(row)
+            self.log_row(row)
+            self.save(si, epoch + 1, 0, model, opt, scaler, sampler, best, running, done=False)
+        # ---- stage end: test the last (and best-by-validation) model
+        res = {"stage": si + 1, "epochs": E, "loss": scfg["loss"]["name"], "best_epoch": best["epoch"],
+               "best_path": best_path if best["epoch"] > 0 else None}
+        res["test_last"] = evaluate(wrapped, ds["test"], scfg, self.device, counts, C, logit_scale, self.amp_dtype)
+        if best["epoch"] > 0:
+            last_state = copy.deepcopy(model.state_dict())
+            if self.ws > 1:
+                dist.barrier()
+            model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False))
+            res["test_best"] = evaluate(wrapped, ds["test"], scfg, self.device, counts, C, logit_scale,
+                                        self.amp_dtype)
+            model.load_state_dict(last_state)
+        res["test"] = res.get("test_best", res["test_last"])
+        res["selected"] = f"best val epoch {best['epoch']}" if best["epoch"] > 0 else "last epoch"
+        self.ref_summary(res)
+        return res
+
+    # --------------------------------------------------------------------------------------------------
+    def reference_check(self, driver, other, logits, feats, y, scfg, si, epoch):
+        """Same batch, same (injected) noise through both implementations; logs max |Δloss|, |Δgrad|."""
+        g = noise_generator(scfg["seed"] + 99991, self.global_step, 0, self.rank)
+        noise = (torch.randn(logits.shape, generator=g) / 3.0).to(logits.device) if driver.takes_noise else None
+        outs = []
+        for drv in (driver, other):
+            z = logits.detach().clone().requires_grad_(True)
+            f = feats.detach().clone().requires_grad_(True)
+            loss = drv(z, f, y, noise)
+            gz, gf = torch.autograd.grad(loss, [z, f], allow_unused=True)
+            outs.append((loss.detach(), gz, gf))
+        (l1, g1, f1), (l2, g2, f2) = outs
+        gd = (g1 - g2).abs().max().item()
+        if f1 is not None and f2 is not None:
+            gd = max(gd, (f1 - f2).abs().max().item())
+        row = {"stage": si + 1, "epoch": epoch + 1, "step": self.global_step, "loss": l1.item(),
+               "loss_diff": abs(l1.item() - l2.item()), "grad_diff": gd}
+        self.ref_rows.append(row)
+        if self.rank == 0:
+            path = os.path.join(self.out, "refcheck.csv")
+            new = not os.path.exists(path)
+            with open(path, "a", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(row))
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+
+    def ref_summary(self, res):
+        if self.ref_rows:
+            res["ref_check"] = {"checks": len(self.ref_rows),
+                                "max_loss_diff": max(r["loss_diff"] for r in self.ref_rows),
+                                "max_grad_diff": max(r["grad_diff"] for r in self.ref_rows)}
+
+    # --------------------------------------------------------------------------------------------------
+    def save(self, si, epoch, step, model, opt, scaler, sampler, best, running, done, summary=None):
+        rng = get_rng_state()
+        if self.ws > 1:
+            parts = [None] * self.ws
+            dist.all_gather_object(parts, rng)
+            rng = parts
+        else:
+            rng = [rng]
+        if self.rank != 0:
+            return
+        sd = sampler.state_dict()
+        sd["start"] = step * (self.stages[si]["data"]["batch_size"] // self.ws)
+        sd["epoch"] = epoch
+        atomic_save({"version": CKPT_VERSION, "config_hash": self.hash, "stage": si, "epoch": epoch, "step": step,
+                     "global_step": self.global_step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "scheduler": {"epoch": epoch, "step": step}, "sampler": sd, "rng": rng, "best": best,
+                     "running": running, "history": self.history, "stage_results": self.stage_results,
+                     "done": done, "summary": summary}, self.ckpt_path)
+
+    def log_row(self, row: dict, quiet: bool = False) -> None:
+        if self.rank != 0:
+            return
+        flat = {k: v for k, v in row.items() if not isinstance(v, list)}
+        path = os.path.join(self.out, "metrics.csv")
+        exists = os.path.exists(path)
+        fields = list(flat)
+        if exists:
+            with open(path) as fh:
+                header = fh.readline().strip().split(",")
+            if header != fields:   # the eval columns may appear later (eval.every): rewrite with the union
+                rows = list(csv.DictReader(open(path)))
+                fields = header + [f for f in fields if f not in header]
+                with open(path, "w", newline="") as fh:
+                    w = csv.DictWriter(fh, fieldnames=fields)
+                    w.writeheader()
+                    w.writerows(rows)
+        with open(path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            if not exists:
+                w.writeheader()
+            w.writerow(flat)
+        if quiet:
+            return
+        if self.tb is not None:
+            step = row["epoch"] + sum(r["epochs"] for r in self.stage_results)
+            for k, v in flat.items():
+                if isinstance(v, (int, float)) and k not in ("stage", "epoch") and not math.isnan(v):
+                    self.tb.add_scalar(k, v, step)
+        keys = [k for k in ("train_loss", "val_top1", "val_few", "test_top1", "test_few") if k in flat]
+        self.log(f"[{self.cfg['name']}] stage {row['stage']} epoch {row['epoch']} lr {row['lr']:.4g} " +
+                 " ".join(f"{k} {flat[k]:.3f}" for k in keys))
+
+    # --------------------------------------------------------------------------------------------------
+    def finish(self, wall: float) -> dict:
+        final = self.stage_results[-1]
+        e = self.cfg["eval"]
+        summary = {"name": self.cfg["name"], "method": self.cfg.get("method"), "loss": self.cfg["loss"]["name"],
+                   "impl": self.cfg["loss"]["impl"], "dataset": self.cfg["data"]["dataset"],
+                   "cls_num_list": self.ds["cls_num_list"], "thresholds": {"many": e["many"], "few": e["few"]},
+                   "test": final["test"], "selected": final["selected"], "stages": self.stage_results,
+                   "wall_s": wall, "world_size": self.ws, "output_dir": self.out}
+        if self.rank == 0:
+            with open(os.path.join(self.out, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1, default=float)
+            if self.cfg["train"]["figures"]:
+                try:
+                    from .figures import save_figures
+                    save_figures(self.out, self.history, final["test"], self.ds["cls_num_list"], self.cfg["name"])
+                except Exception as ex:  # noqa: BLE001 - figures never fail a run
+                    self.log(f"figures skipped: {type(ex).__name__}: {ex}")
+            t = final["test"]
+            self.log(format_table({self.cfg["name"]: t}, extra_header=f"test ({final['selected']}), many > {e['many']}, "
+                                  f"few < {e['few']} training images:"))
+            if self.tb is not None:
+                self.tb.close()
+            # mark the checkpoint finished (so a rerun with resume returns the summary)
+            st = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            st["done"], st["summary"] = True, summary
+            atomic_save(st, self.ckpt_path)
+        if self.ws > 1:
+            dist.barrier()
+        return summary
+
+
+def train(cfg: dict, log: Callable[[str], None] = print) -> dict:
+    tr = Trainer(cfg, log)
+    try:
+        return tr.run()
+    finally:
+        if tr.owns_pg and dist.is_initialized():
+            dist.destroy_process_group()
