@@ -1,0 +1,116 @@
+// The fused "transform the logits, then softmax cross-entropy" row op: arguments and the per-row math
+// shared by the CPU kernels, the CUDA kernels and the SIMT emulator.
+//
+// Per row i with target y = y_i (methods.md §1.2, §2-§5):
+//   S_i  = target_scale[y] if given, else scale
+//   x_ij = r_j c_ij + b_j + t_i beta_j - noise_mul |clamp(eps_ij, -1, 1)| delta_j - m_y [j = y]
+//   z_ij = S_i x_ij                                  (linear mode; angular modes: see angular.h)
+//   loss_i, dloss_i/dz_ij from softmax cross-entropy with weights / focal / label smoothing,
+// and the gradient written in the same pass, already divided by the reduction's denominator.
+#pragma once
+
+#include <cstdint>
+
+#include "ltk/hd.h"
+
+namespace ltk {
+
+enum Reduction : int { kReduceNone = 0, kReduceSum = 1, kReduceMean = 2, kReduceBatchMean = 3 };
+enum Focal : int { kFocalOff = 0, kFocalDetached = 1, kFocalFull = 2 };
+enum Angular : int { kLinear = 0, kArcFace = 1, kArcFaceEasy = 2, kGclAng = 3, kGclAngEasy = 4 };
+
+// Raw-pointer view of one call. Per-class vectors (length C) and row vectors (length N) are acc_t and
+// contiguous; a null pointer means "absent" (r = 1, b = 0, m = 0, w = 1, t = 0, delta = 0).
+template <typename scalar_t, typename acc_t>
+struct MarginCeArgs {
+  const scalar_t* input = nullptr;  // (N, C) row-major contiguous
+  const int64_t* target = nullptr;  // (N,)
+  const acc_t* col_scale = nullptr;
+  const acc_t* col_bias = nullptr;
+  const acc_t* margin = nullptr;
+  const acc_t* target_scale = nullptr;
+  const acc_t* weight = nullptr;
+  const acc_t* row_shift = nullptr;   // t_i (N,)
+  const acc_t* shift_coef = nullptr;  // beta_j (C,)
+  const acc_t* cloud = nullptr;       // delta_j (C,): Gaussian cloud active when non-null
+  const acc_t* noise = nullptr;       // injected raw N(0, 1/3) draw (N, C); null: Philox in-kernel
+  acc_t scale = 1;
+  acc_t noise_mul = 0;
+  acc_t angular_eps = 0;  // GCLAng epsilon
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+  int angular = kLinear;
+  int focal = kFocalOff;
+  acc_t gamma = 0;
+  int64_t ignore_index = -100;
+  acc_t smoothing = 0;
+  acc_t weight_sum = 0;  // sum_j w_j (C when no weight): label smoothing's normaliser
+  const acc_t* inv_denom = nullptr;  // device/host scalar: 1 / reduction denominator
+  int64_t N = 0;
+  int64_t C = 0;
+  // outputs
+  acc_t* row_loss = nullptr;       // (N,) per-row loss before the reduction's division
+  scalar_t* grad = nullptr;        // (N, C) d(reduced loss)/d input, or null when not requested
+  acc_t* grad_row_shift = nullptr; // (N,) d(reduced loss)/d t_i, or null
+};
+
+// Per-row loss and gradient coefficients: dloss_i/dz_ij = a p_ij - b [j = y] - d w_j.
+template <typename acc_t>
+struct RowCoef {
+  acc_t loss, a, b, d;
+};
+
+template <typename acc_t>
+LTK_HD acc_t ltk_exp(acc_t x);
+template <>
+LTK_HD float ltk_exp<float>(float x) { return ::expf(x); }
+template <>
+LTK_HD double ltk_exp<double>(double x) { return ::exp(x); }
+template <typename acc_t>
+LTK_HD acc_t ltk_log(acc_t x);
+template <>
+LTK_HD float ltk_log<float>(float x) { return ::logf(x); }
+template <>
+LTK_HD double ltk_log<double>(double x) { return ::log(x); }
+template <typename acc_t>
+LTK_HD acc_t ltk_pow(acc_t x, acc_t y);
+template <>
+LTK_HD float ltk_pow<float>(float x, float y) { return ::powf(x, y); }
+template <>
+LTK_HD double ltk_pow<double>(double x, double y) { return ::pow(x, y); }
+
+// lse: log-sum-exp of the row; z_t: the target's logit; sum_wz: sum_j w_j z_ij (only read when
+// smoothing > 0); w_t: weight of the target class.
+template <typename acc_t>
+LTK_HD RowCoef<acc_t> row_coefficients(acc_t lse, acc_t z_t, acc_t sum_wz, acc_t w_t, acc_t weight_sum,
+                                       acc_t smoothing, int64_t C, int focal, acc_t gamma) {
+  RowCoef<acc_t> r;
+  const acc_t nll = lse - z_t;
+  if (focal == kFocalOff) {
+    const acc_t keep = acc_t(1) - smoothing;
+    const acc_t d = smoothing / acc_t(C);
+    r.loss = keep * w_t * nll;
+    if (smoothing != acc_t(0)) r.loss += d * (weight_sum * lse - sum_wz);
+    r.a = keep * w_t + d * weight_sum;
+    r.b = keep * w_t;
+    r.d = d;
+    return r;
+  }
+  // Focal: l~ = w_t nll, p^ = exp(-l~), loss = (1 - p^)^gamma l~ (methods.md §1.2).
+  const acc_t lw = w_t * nll;
+  const acc_t ph = ltk_exp<acc_t>(-lw);
+  const acc_t q = acc_t(1) - ph;
+  const acc_t qg = gamma == acc_t(0) ? acc_t(1) : ltk_pow<acc_t>(q, gamma);
+  r.loss = qg * lw;
+  acc_t k = qg;
+  if (focal == kFocalFull && gamma != acc_t(0) && q > acc_t(0)) {
+    // d/dl~ of (1 - exp(-l~))^gamma l~ = q^gamma + gamma q^(gamma-1) p^ l~
+    k += gamma * ltk_pow<acc_t>(q, gamma - acc_t(1)) * ph * lw;
+  }
+  r.a = k * w_t;
+  r.b = k * w_t;
+  r.d = 0;
+  return r;
+}
+
+}  // namespace ltk

@@ -1,0 +1,128 @@
+#include "margin_ce_common.h"
+
+#include <c10/util/Exception.h>
+
+namespace ltk {
+namespace {
+
+at::Tensor class_vector(const std::optional<at::Tensor>& v, const char* name, const at::Tensor& input,
+                        int64_t len, const char* len_name, at::ScalarType acc) {
+  if (!v.has_value() || !v->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == len, "margin_ce: ", name, " must have shape (", len_name,
+                    ",) = (", len, ",), got ", v->sizes());
+  TORCH_CHECK_VALUE(v->device() == input.device(), "margin_ce: ", name, " is on ", v->device(),
+                    " but input is on ", input.device());
+  TORCH_CHECK_VALUE(at::isFloatingType(v->scalar_type()), "margin_ce: ", name,
+                    " must be a floating-point tensor, got ", v->scalar_type());
+  return v->to(acc).contiguous();
+}
+
+}  // namespace
+
+MarginCePrepared prepare_margin_ce(const MarginCeInputs& in) {
+  MarginCePrepared p;
+  const at::Tensor& x = in.input;
+  TORCH_CHECK_VALUE(x.dim() == 2, "margin_ce: input must be 2-D (N, C), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "margin_ce: input must be floating point, got ",
+                    x.scalar_type());
+  TORCH_CHECK_VALUE(in.target.dim() == 1 && in.target.size(0) == x.size(0),
+                    "margin_ce: target must have shape (N,) = (", x.size(0), ",), got ", in.target.sizes());
+  TORCH_CHECK_VALUE(in.target.scalar_type() == at::kLong, "margin_ce: target must be int64, got ",
+                    in.target.scalar_type());
+  TORCH_CHECK_VALUE(in.target.device() == x.device(), "margin_ce: target is on ", in.target.device(),
+                    " but input is on ", x.device());
+  TORCH_CHECK_VALUE(in.reduction >= kReduceNone && in.reduction <= kReduceBatchMean,
+                    "margin_ce: unknown reduction code ", in.reduction);
+  TORCH_CHECK_VALUE(in.focal >= kFocalOff && in.focal <= kFocalFull, "margin_ce: unknown focal code ", in.focal);
+  TORCH_CHECK_VALUE(in.angular >= kLinear && in.angular <= kGclAngEasy, "margin_ce: unknown angular code ",
+                    in.angular);
+  TORCH_CHECK_VALUE(!(in.focal != kFocalOff && in.label_smoothing != 0.0),
+                    "margin_ce: focal loss and label smoothing cannot be combined");
+  TORCH_CHECK_VALUE(in.label_smoothing >= 0.0 && in.label_smoothing <= 1.0,
+                    "margin_ce: label_smoothing must be in [0, 1], got ", in.label_smoothing);
+  TORCH_CHECK_VALUE(in.gamma >= 0.0, "margin_ce: focal gamma must be >= 0, got ", in.gamma);
+  TORCH_CHECK_VALUE(x.size(1) >= 1 || x.size(0) == 0, "margin_ce: input needs at least one class (C >= 1)");
+
+  p.N = x.size(0);
+  p.C = x.size(1);
+  p.acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.input = x.contiguous();
+  p.target = in.target.contiguous();
+  const auto acc = p.acc_type;
+  p.col_scale = class_vector(in.col_scale, "col_scale", x, p.C, "C", acc);
+  p.col_bias = class_vector(in.col_bias, "col_bias", x, p.C, "C", acc);
+  p.margin = class_vector(in.margin, "margin", x, p.C, "C", acc);
+  p.target_scale = class_vector(in.target_scale, "target_scale", x, p.C, "C", acc);
+  p.weight = class_vector(in.weight, "weight", x, p.C, "C", acc);
+  p.shift_coef = class_vector(in.shift_coef, "shift_coef", x, p.C, "C", acc);
+  p.cloud = class_vector(in.cloud, "cloud", x, p.C, "C", acc);
+  p.row_shift = class_vector(in.row_shift, "row_shift", x, p.N, "N", acc);
+  TORCH_CHECK_VALUE(p.row_shift.defined() == p.shift_coef.defined(),
+                    "margin_ce: row_shift and shift_coef must be given together");
+  if (in.noise.has_value() && in.noise->defined()) {
+    TORCH_CHECK_VALUE(p.cloud.defined(), "margin_ce: noise was given without cloud sizes");
+    TORCH_CHECK_VALUE(in.noise->sizes() == x.sizes(), "margin_ce: noise must have the input's shape ", x.sizes(),
+                      ", got ", in.noise->sizes());
+    TORCH_CHECK_VALUE(in.noise->device() == x.device(), "margin_ce: noise is on ", in.noise->device(),
+                      " but input is on ", x.device());
+    p.noise = in.noise->to(acc).contiguous();
+  } else if (p.cloud.defined()) {
+    TORCH_CHECK_VALUE(in.seed.has_value() && in.seed->defined(),
+                      "margin_ce: the Gaussian cloud needs either injected noise or a seed tensor");
+  }
+  if (in.seed.has_value() && in.seed->defined()) {
+    TORCH_CHECK_VALUE(in.seed->numel() == 1 && in.seed->scalar_type() == at::kLong && in.seed->is_cpu(),
+                      "margin_ce: seed must be a one-element int64 CPU tensor");
+    p.seed = static_cast<uint64_t>(in.seed->item<int64_t>());
+  }
+
+  // Target range and the reduction's denominator. On the CPU one host loop does both; on a device the
+  // range is asserted inside the kernel (like PyTorch) and the denominator stays on the device.
+  const int64_t N = p.N, C = p.C;
+  if (x.is_cpu()) {
+    const int64_t* t = p.target.data_ptr<int64_t>();
+    double denom_w = 0;
+    int64_t valid = 0;
+    const at::Tensor wcpu = p.weight.defined() ? p.weight.to(at::kDouble) : at::Tensor();
+    const double* w = wcpu.defined() ? wcpu.data_ptr<double>() : nullptr;
+    for (int64_t i = 0; i < N; ++i) {
+      if (t[i] == in.ignore_index) continue;
+      TORCH_CHECK_INDEX(t[i] >= 0 && t[i] < C, "margin_ce: target ", t[i], " at row ", i,
+                        " is out of range for ", C, " classes (ignore_index=", in.ignore_index, ")");
+      ++valid;
+      denom_w += w ? w[t[i]] : 1.0;
+    }
+    double denom = 1.0;
+    if (in.reduction == kReduceMean) denom = w ? denom_w : static_cast<double>(valid);
+    if (in.reduction == kReduceBatchMean) denom = static_cast<double>(N);
+    p.inv_denom = at::full({1}, 1.0 / denom, x.options().dtype(acc));
+  } else {
+    if (in.reduction == kReduceMean) {
+      const at::Tensor valid = p.target.ne(in.ignore_index);
+      at::Tensor d;
+      if (p.weight.defined()) {
+        d = (p.weight.index_select(0, p.target.masked_fill(valid.logical_not(), 0)) * valid).sum();
+      } else {
+        d = valid.sum().to(acc);
+      }
+      p.inv_denom = d.reciprocal().reshape({1}).to(acc);
+    } else {
+      const double denom = in.reduction == kReduceBatchMean ? static_cast<double>(N) : 1.0;
+      p.inv_denom = at::full({1}, 1.0 / denom, x.options().dtype(acc));
+    }
+  }
+  if (in.label_smoothing != 0.0) {
+    p.weight_sum = p.weight.defined() ? p.weight.sum().item<double>() : static_cast<double>(C);
+  }
+  return p;
+}
+
+at::Tensor reduce_row_losses(const at::Tensor& row_loss, const MarginCePrepared& p, int64_t reduction,
+                             at::ScalarType out_dtype) {
+  if (reduction == kReduceNone) return row_loss.to(out_dtype);
+  at::Tensor total = row_loss.sum();
+  if (reduction != kReduceSum) total = total * p.inv_denom.reshape({});
+  return total.to(out_dtype);
+}
+
+}  // namespace ltk

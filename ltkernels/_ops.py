@@ -1,0 +1,65 @@
+"""Python side of the compiled ops: loads ``ltkernels._C`` and registers fake kernels and autograd.
+
+The op schemas live in ``csrc/ops.cpp``; this module adds what ``torch.compile`` and autograd need:
+``register_fake`` (shapes/dtypes without computing) and ``register_autograd`` (backward in terms of
+other ops, so it traces with ``fullgraph=True``).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the shared library, which registers torch.ops.ltkernels.*)
+
+ops = torch.ops.ltkernels
+
+# Codes shared with csrc/include/ltk/margin_ce.h
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "batch_mean": 3}
+FOCAL_OFF, FOCAL_DETACHED, FOCAL_FULL = 0, 1, 2
+ANGULAR = {"linear": 0, "arcface": 1, "arcface_easy": 2, "gclang": 3, "gclang_easy": 4}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("ltkernels::margin_ce")
+def _margin_ce_fake(input, target, col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef,
+                    cloud, noise, seed, scale, noise_mul, angular_eps, offset, angular, reduction, focal, gamma,
+                    ignore_index, label_smoothing, compute_grad):
+    torch._check(input.dim() == 2, lambda: f"margin_ce: input must be 2-D (N, C), got {tuple(input.shape)}")
+    n, c = input.shape
+    loss = input.new_empty((n,)) if reduction == REDUCTIONS["none"] else input.new_empty(())
+    acc = _acc_dtype(input.dtype)
+    grad = input.new_empty((n, c)) if compute_grad else input.new_empty((0,))
+    gshift = input.new_empty((n,), dtype=acc) if (compute_grad and row_shift is not None) else \
+        input.new_empty((0,), dtype=acc)
+    return loss, grad, gshift
+
+
+def _margin_ce_setup(ctx, inputs, output):
+    _, grad, gshift = output
+    ctx.save_for_backward(grad, gshift)
+    ctx.reduction = inputs[17]
+    ctx.has_shift = inputs[7] is not None
+
+
+def _margin_ce_backward(ctx, grad_loss, _grad_grad, _grad_gshift):
+    grad, gshift = ctx.saved_tensors
+    if grad.dim() != 2:
+        raise RuntimeError("margin_ce: backward needs compute_grad=True in the forward call "
+                           "(use ltkernels.functional, which sets it when an input requires grad)")
+    if ctx.reduction == REDUCTIONS["none"]:
+        g_in = grad * grad_loss.unsqueeze(1).to(grad.dtype)
+        g_shift = gshift * grad_loss.to(gshift.dtype) if ctx.has_shift else None
+    else:
+        g_in = grad * grad_loss.to(grad.dtype)
+        g_shift = gshift * grad_loss.to(gshift.dtype) if ctx.has_shift else None
+    return (g_in, None, None, None, None, None, None, g_shift) + (None,) * 15
+
+
+torch.library.register_autograd("ltkernels::margin_ce", _margin_ce_backward, setup_context=_margin_ce_setup)
+
+
+def cpu_isa() -> str:
+    """Instruction set of the CPU kernels in use: ``"avx512"``, ``"avx2"`` or ``"default"``."""
+    return ops.cpu_isa()

@@ -1,0 +1,155 @@
+"""Functional API over the fused ops (``torch.ops.ltkernels.*``).
+
+``margin_cross_entropy`` is the one fused row kernel behind every loss of this package: per row i
+with target y,
+
+    z_ij = S_i * (r_j * c_ij + b_j + t_i * beta_j - noise_mul * |clamp(eps_ij, -1, 1)| * delta_j
+                  - m_y * [j == y])
+
+followed by softmax cross-entropy with the reductions of methods.md §1.2. Every loss module in
+``ltkernels.losses`` only chooses these vectors (see ``ltkernels.priors``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ops
+
+__all__ = ["margin_cross_entropy", "draw_seed"]
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
+    """A one-element int64 CPU tensor for the in-kernel Philox noise, drawn from ``generator``
+    (default: torch's global CPU generator, so ``torch.manual_seed`` reproduces a run). Under
+    ``torch.distributed`` the rank is mixed in so that ranks draw independent noise."""
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        seed = seed + torch.distributed.get_rank() * 0x9E3779B97F4A7C15 % 2**61
+    return seed
+
+
+def _class_vector(v, name: str, n: int, ref: Tensor) -> Optional[Tensor]:
+    if v is None:
+        return None
+    if not isinstance(v, Tensor):
+        v = torch.as_tensor(v, dtype=torch.float64)
+    if v.dim() != 1 or v.shape[0] != n:
+        raise ValueError(f"{name} must be a 1-D tensor of length {n}, got shape {tuple(v.shape)}")
+    if v.device != ref.device:
+        raise ValueError(f"{name} is on {v.device} but the input is on {ref.device}")
+    if not v.is_floating_point():
+        v = v.to(torch.float32)
+    return v
+
+
+def margin_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    *,
+    scale: float = 1.0,
+    col_scale: Optional[Tensor] = None,
+    col_bias: Optional[Tensor] = None,
+    margin: Optional[Tensor] = None,
+    target_scale: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    focal_gamma: Optional[float] = None,
+    focal_detach: bool = True,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    row_shift: Optional[Tensor] = None,
+    shift_coef: Optional[Tensor] = None,
+    cloud: Optional[Tensor] = None,
+    noise: Optional[Tensor] = None,
+    noise_mul: float = 1.0,
+    seed: Optional[Tensor] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    angular: str = "linear",
+    angular_eps: float = 0.0,
+) -> Tensor:
+    """Fused per-class-transformed softmax cross-entropy (forward and backward in one kernel).
+
+    Args:
+        input: (N, C) logits or cosines, float32/float64/float16/bfloat16 (half types accumulate in fp32).
+        target: (N,) integer class indices; ``ignore_index`` rows contribute nothing.
+        scale: global scale s (used when ``target_scale`` is None).
+        col_scale, col_bias: per-class r_j and b_j (None: 1 and 0).
+        margin: per-class m_j subtracted from the target logit of rows with target j.
+        target_scale: per-class s_j; row i is scaled by s_{y_i} (KPS gradient-adjustment stage).
+        weight: per-class weights w_j (PyTorch semantics for ``reduction='mean'``).
+        reduction: ``'none'`` | ``'sum'`` | ``'mean'`` (PyTorch's, weighted mean when ``weight`` is
+            given) | ``'batch_mean'`` (sum of weighted losses / N, as the class-balanced official code).
+        focal_gamma: if not None, the focal loss (1 - p)^gamma * w_y * CE with p = exp(-w_y * CE);
+            its 'mean' is sum / N (official code). ``focal_detach`` treats p as a constant (GCL, KPS);
+            False differentiates through it (LDAM-DRW's FocalLoss).
+        ignore_index, label_smoothing: as ``torch.nn.functional.cross_entropy``.
+        row_shift, shift_coef: t_i (N,) and beta_j (C,) adding t_i * beta_j to row i (FBL's stimulus);
+            the gradient flows into ``row_shift``.
+        cloud: per-class cloud size delta_j; enables the Gaussian cloud (GCL). ``noise`` injects the raw
+            N(0, 1/3) draw (before clamp and abs) instead of the in-kernel Philox generator, keyed by
+            ``seed`` (from ``generator`` when None) and ``offset``.
+        angular: ``'linear'`` or an angular-margin mode (``'arcface'``, ``'arcface_easy'``,
+            ``'gclang'``, ``'gclang_easy'``); ``angular_eps`` is GCLAng's epsilon.
+
+    Returns:
+        The reduced loss (a scalar, or (N,) for ``reduction='none'``) in the input's dtype.
+    """
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("input and target must be tensors")
+    if input.dim() != 2:
+        raise ValueError(f"input must be 2-D (N, C), got shape {tuple(input.shape)}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != input.shape[0]:
+        raise ValueError(f"target must have shape ({input.shape[0]},), got {tuple(target.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if reduction not in _ops.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(_ops.REDUCTIONS)}, got {reduction!r}")
+    if angular not in _ops.ANGULAR:
+        raise ValueError(f"angular must be one of {sorted(_ops.ANGULAR)}, got {angular!r}")
+    if focal_gamma is not None and label_smoothing != 0.0:
+        raise ValueError("focal loss and label smoothing cannot be combined")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if focal_gamma is not None and focal_gamma < 0:
+        raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma}")
+    if (row_shift is None) != (shift_coef is None):
+        raise ValueError("row_shift and shift_coef must be given together")
+    n, c = input.shape
+    if c == 0 and n > 0:
+        raise ValueError("input has 0 classes (C = 0)")
+    if target.dtype != torch.int64:
+        target = target.to(torch.int64)
+
+    vecs = {name: _class_vector(v, name, c, input) for name, v in (
+        ("col_scale", col_scale), ("col_bias", col_bias), ("margin", margin), ("target_scale", target_scale),
+        ("weight", weight), ("shift_coef", shift_coef), ("cloud", cloud))}
+    row_shift = _class_vector(row_shift, "row_shift", n, input)
+    if noise is not None and tuple(noise.shape) != (n, c):
+        raise ValueError(f"noise must have the input's shape {(n, c)}, got {tuple(noise.shape)}")
+    if cloud is not None and noise is None and seed is None:
+        seed = draw_seed(generator)
+
+    red = _ops.REDUCTIONS[reduction]
+    focal = _ops.FOCAL_OFF
+    gamma = 0.0
+    if focal_gamma is not None:
+        focal = _ops.FOCAL_DETACHED if focal_detach else _ops.FOCAL_FULL
+        gamma = float(focal_gamma)
+        if red == _ops.REDUCTIONS["mean"]:
+            red = _ops.REDUCTIONS["batch_mean"]  # the official focal loss averages over the batch
+    compute_grad = torch.is_grad_enabled() and (
+        input.requires_grad or (row_shift is not None and row_shift.requires_grad))
+    loss, _, _ = _ops.ops.margin_ce(
+        input, target, vecs["col_scale"], vecs["col_bias"], vecs["margin"], vecs["target_scale"], vecs["weight"],
+        row_shift, vecs["shift_coef"], vecs["cloud"], noise, seed, float(scale), float(noise_mul),
+        float(angular_eps), int(offset), _ops.ANGULAR[angular], red, focal, gamma, int(ignore_index),
+        float(label_smoothing), bool(compute_grad))
+    return loss
