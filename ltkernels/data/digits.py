@@ -5,6 +5,8 @@ Per class (seeded): the first ``test_per_class`` images form a balanced test set
 of the remaining images (class 0 the head), as the CIFAR-LT formula does."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -12,18 +14,21 @@ from torch.utils.data import Dataset
 from .longtail import img_num_per_cls
 
 
+@functools.lru_cache(maxsize=1)
+def _load_digits():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
+
+
 class DigitsLT(Dataset):
     num_classes = 10
 
     def __init__(self, split: str = "train", imb_factor: float = 20, imb_type: str = "exp", n_max: int = 100,
                  test_per_class: int = 50, val_per_class: int = 10, seed: int = 0, augment: bool = None):
-        from sklearn.datasets import load_digits
-
         if split not in ("train", "val", "test"):
             raise ValueError(f"split={split!r}: allowed values are ['train', 'val', 'test']")
-        d = load_digits()
-        x = d.images.astype(np.float32) / 16.0
-        y = d.target.astype(np.int64)
+        x, y = _load_digits()
         rng = np.random.RandomState(seed)
         counts = img_num_per_cls(n_max, 10, imb_factor, imb_type)
         sel = []

@@ -42,9 +42,31 @@ class LTModel(nn.Module):
         return (out, f) if return_features else out
 
 
+def load_pretrained_backbone(bb: nn.Module, path: str) -> None:
+    """Loads a local state dict (e.g. torchvision ImageNet weights saved with torch.save) into the backbone;
+    the classifier ('fc.*') and a leading 'module.'/'backbone.' prefix are dropped. Nothing is downloaded."""
+    import os
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.pretrained: file not found: {path!r}")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
+    clean = {}
+    for k, v in sd.items():
+        for pre in ("module.", "backbone."):
+            if k.startswith(pre):
+                k = k[len(pre):]
+        if not k.startswith("fc."):
+            clean[k] = v
+    missing, unexpected = bb.load_state_dict(clean, strict=False)
+    if missing:
+        raise ValueError(f"model.pretrained={path!r} lacks {len(missing)} backbone tensors, e.g. {missing[:3]}")
+
+
 def build_model(m: dict, num_classes: int) -> LTModel:
     """``m`` is the ``model`` section of a config: arch, head (linear|cosine), cosine_impl, width, bn."""
     bb = make_backbone(m["arch"], width=m.get("width", 32), bn=m.get("bn", True))
+    if m.get("pretrained"):
+        load_pretrained_backbone(bb, m["pretrained"])
     head = make_head(m["head"], bb.out_features, num_classes, m.get("cosine_impl", "eager"))
     model = LTModel(bb, head)
     if m.get("sync_bn") and torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -37,7 +37,7 @@ DEFAULTS: Dict[str, Any] = {
         "sampler": "instance", "class_aware_k": 4, "sampler_beta": 0.9999, "cben_a": 0.9999, "cben_b": 1e-5,
     },
     "model": {"arch": "digits_cnn", "head": "auto", "cosine_impl": "eager", "width": 32, "bn": True,
-              "sync_bn": False},
+              "sync_bn": False, "pretrained": None},
     "loss": {"name": "ce", "impl": "reference", "params": {}, "drw": "auto", "drw_epoch": 160,
              "drw_beta": 0.9999, "ga_epoch": 120, "noise": "module"},
     "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4, "nesterov": False, "epochs": 200,
