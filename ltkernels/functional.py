@@ -34,6 +34,9 @@ def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
 def _class_vector(v, name: str, n: int, ref: Tensor) -> Optional[Tensor]:
     if v is None:
         return None
+    if isinstance(v, (int, float)):  # a scalar applies to every class
+        return torch.full((n,), float(v), dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32,
+                          device=ref.device)
     if not isinstance(v, Tensor):
         v = torch.as_tensor(v, dtype=torch.float64)
     if v.dim() != 1 or v.shape[0] != n:

@@ -259,12 +259,21 @@ def _noise_like(cosine: Tensor, noise: Optional[Tensor]) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class _PriorLoss(nn.Module):
+class _Loss(nn.Module):
+    """Base of the reference modules. ``_mce`` is the cross-entropy workhorse they call; the fused
+    modules of :mod:`ltkernels.losses` subclass these and swap in the fused kernel, so both share the
+    mapping from constructor arguments to per-class vectors while the math underneath differs."""
+
+    _mce = staticmethod(margin_cross_entropy)
+
     def _buf(self, name: str, value: Tensor) -> None:
         self.register_buffer(name, value, persistent=False)
 
 
-class CrossEntropyLoss(nn.Module):
+_PriorLoss = _Loss
+
+
+class CrossEntropyLoss(_Loss):
     """Plain softmax cross-entropy with ``torch.nn.CrossEntropyLoss`` semantics."""
 
     def __init__(self, weight=None, ignore_index: int = -100, reduction: str = "mean",
@@ -276,7 +285,7 @@ class CrossEntropyLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return margin_cross_entropy(
+        return self._mce(
             input, target, weight=self.weight, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
         )
@@ -299,7 +308,7 @@ class LDAMLoss(_PriorLoss):
         self.weight = weight
 
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        return margin_cross_entropy(x, target, scale=self.s, margin=self.m_list,
+        return self._mce(x, target, scale=self.s, margin=self.m_list,
                                     weight=self.weight)
 
 
@@ -333,9 +342,9 @@ class KPSLoss(_PriorLoss):
 
     def forward(self, input: Tensor, label: Tensor) -> Tensor:
         if self.weighted is True:
-            return margin_cross_entropy(input, label, col_scale=self.s_list, margin=self.m_list,
+            return self._mce(input, label, col_scale=self.s_list, margin=self.m_list,
                                         target_scale=self.s_target, weight=self.weight)
-        return margin_cross_entropy(input, label, scale=self.s, col_scale=self.s_list,
+        return self._mce(input, label, scale=self.s, col_scale=self.s_list,
                                     margin=self.m_list, weight=self.weight)
 
 
@@ -354,7 +363,7 @@ class LogitAdjustLoss(_PriorLoss):
         self.weight = weight
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return margin_cross_entropy(input, target, col_bias=self.logit_adjustments,
+        return self._mce(input, target, col_bias=self.logit_adjustments,
                                     weight=self.weight)
 
 
@@ -366,10 +375,10 @@ class BalancedSoftmaxLoss(_PriorLoss):
         self._buf("log_counts", torch.log(counts_tensor(cls_num_list)))
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return margin_cross_entropy(input, target, col_bias=self.log_counts)
+        return self._mce(input, target, col_bias=self.log_counts)
 
 
-class CosFaceLoss(nn.Module):
+class CosFaceLoss(_Loss):
     """CosFace / AM-softmax: ``z = s (c - m Y)`` (``m`` a scalar or a per-class ``(C,)`` tensor)."""
 
     def __init__(self, s: float = 64.0, m=0.4):
@@ -378,10 +387,10 @@ class CosFaceLoss(nn.Module):
         self.m = m
 
     def forward(self, cosine: Tensor, target: Tensor) -> Tensor:
-        return margin_cross_entropy(cosine, target, scale=self.s, margin=self.m)
+        return self._mce(cosine, target, scale=self.s, margin=self.m)
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(_Loss):
     """Softmax focal loss on ``w``-weighted CE, mean over N (GCL / KPS / LDAM-DRW repos).
 
     ``lt = w_y l``, ``(1 - exp(-lt))^gamma lt`` averaged over the batch. ``detach=True`` (default)
@@ -398,7 +407,7 @@ class FocalLoss(nn.Module):
         self.detach = detach
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return margin_cross_entropy(input, target, weight=self.weight, focal_gamma=self.gamma,
+        return self._mce(input, target, weight=self.weight, focal_gamma=self.gamma,
                                     focal_detach=self.detach)
 
 
@@ -427,9 +436,9 @@ class ClassBalancedLoss(_PriorLoss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if self.loss_type == "focal":
-            return margin_cross_entropy(input, target, weight=self.weights, reduction="batch_mean",
+            return self._mce(input, target, weight=self.weights, reduction="batch_mean",
                                         focal_gamma=self.gamma, focal_detach=False)
-        return margin_cross_entropy(input, target, weight=self.weights, reduction="batch_mean")
+        return self._mce(input, target, weight=self.weights, reduction="batch_mean")
 
 
 class GCLLoss(_PriorLoss):
@@ -462,7 +471,7 @@ class GCLLoss(_PriorLoss):
         eps = _noise_like(cosine, noise).clamp(-1.0, 1.0).abs()
         d = self.m_list.to(device=cosine.device, dtype=cosine.dtype)
         c = cosine - float(self.noise_mul) * eps * d
-        return margin_cross_entropy(
+        return self._mce(
             c, target, scale=self.s, margin=self.m, weight=self.weight,
             focal_gamma=self.gamma if self.train_cls else None, focal_detach=True,
         )
@@ -516,13 +525,13 @@ class GCLAngLoss(_PriorLoss):
             out = torch.where(cosine > 0, phi, cosine)
         else:
             out = torch.where(cosine > torch.cos(math.pi - M), phi, cosine - torch.sin(math.pi - M))
-        return margin_cross_entropy(
+        return self._mce(
             out, target, scale=self.s, weight=self.weight,
             focal_gamma=self.gamma if self.train_cls else None, focal_detach=True,
         )
 
 
-class ArcFaceLoss(nn.Module):
+class ArcFaceLoss(_Loss):
     """ArcFace additive angular margin (Deng et al., CVPR 2019), on the target column only.
 
     ``c = clamp(cosine, -1, 1)``; target: ``phi = c cos m - sin(theta) sin m``,
@@ -554,7 +563,7 @@ class ArcFaceLoss(nn.Module):
                                 c_t - torch.sin(math.pi - m_t) * m_t)
         onehot = F.one_hot(safe_t, C).to(torch.bool) if N > 0 else torch.zeros_like(c, dtype=torch.bool)
         out = torch.where(onehot, out_t.unsqueeze(1), c)
-        return margin_cross_entropy(out, target, scale=self.s)
+        return self._mce(out, target, scale=self.s)
 
 
 class FeaBalLoss(_PriorLoss):
@@ -595,4 +604,4 @@ class FeaBalLoss(_PriorLoss):
         if isinstance(curr, Tensor):
             curr = curr.to(device=logits.device, dtype=logits.dtype)
         z = logits - curr * float(self.lambda_) * lam / (norm + 1e-12)
-        return margin_cross_entropy(z, labels, weight=self.weight)
+        return self._mce(z, labels, weight=self.weight)

@@ -58,7 +58,11 @@ struct RowCtx {
     }
     const acc_t m = (tgt && a.margin) ? a.margin[y] : acc_t(0);
     const acc_t M = m + (pert ? pert[j] : acc_t(0));
-    if (!tgt && M == acc_t(0)) return ElemOut<acc_t>{S * c, S};
+    if (!tgt && M == acc_t(0)) {
+      // no angle to add: ArcFace still clamps the cosine to [-1, 1]
+      const bool out = arcface_clamps(a.angular) && (c >= acc_t(1) || c <= acc_t(-1));
+      return ElemOut<acc_t>{S * (out ? (c > acc_t(0) ? acc_t(1) : acc_t(-1)) : c), out ? acc_t(0) : S};
+    }
     return angular_logit<acc_t>(c, M, m, a.angular, S);
   }
 };
@@ -75,6 +79,7 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
   const bool want_grad = a.grad != nullptr;
   // Angular + cloud perturbs every element non-linearly: scalar transform with a stored jacobian.
   const bool generic = a.angular != kLinear && cloud;
+  const bool clamp_c = arcface_clamps(a.angular);
   const acc_t inv_denom = *a.inv_denom;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
@@ -135,6 +140,7 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
         for (int64_t j = 0; j < C; j += V) {
           const int64_t n = std::min<int64_t>(V, C - j);
           Vec x = Vec::loadu(c + j, n);
+          if (clamp_c) x = at::vec::clamp(x, Vec(-1), Vec(1));
           if (a.col_scale) x = x * Vec::loadu(a.col_scale + j, n);
           if (a.col_bias) x = x + Vec::loadu(a.col_bias + j, n);
           if (a.shift_coef) x = x + vt * Vec::loadu(a.shift_coef + j, n);
@@ -207,6 +213,10 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
           Vec gz = vA * Vec::loadu(z + j, n);
           if (D != acc_t(0)) gz = gz - vD * (a.weight ? Vec::loadu(a.weight + j, n) : Vec(1));
           Vec jac = a.col_scale ? vS * Vec::loadu(a.col_scale + j, n) : vS;
+          if (clamp_c) {
+            const Vec cv = Vec::loadu(c + j, n);
+            jac = Vec::blendv(Vec(0), jac, (cv > Vec(-1)) & (cv < Vec(1)));
+          }
           (gz * jac).store(g + j, n);
         }
         g[y] = dz_at(y) * ctx.elem(y, c[y]).dzdc;

@@ -54,6 +54,8 @@ struct MarginCeArgs {
   acc_t* grad_row_shift = nullptr; // (N,) d(reduced loss)/d t_i, or null
 };
 
+LTK_HD bool arcface_clamps(int angular) { return angular == kArcFace || angular == kArcFaceEasy; }
+
 // Per-row loss and gradient coefficients: dloss_i/dz_ij = a p_ij - b [j = y] - d w_j.
 template <typename acc_t>
 struct RowCoef {

@@ -29,13 +29,15 @@ LTK_HD float ltk_sqrt<float>(float x) {
   return ::sqrtf(x);
 }
 
-// Angular margin M applied to cosine c (c is clamped to [-1, 1] first, as ArcFace does). The derivative
+// Angular margin M applied to cosine c (ArcFace clamps c to [-1, 1] first, GCLAng does not). The derivative
 // of sqrt(1 - c^2) is guarded: at |c| = 1 the sine is 0 and its derivative -c/sin is taken as 0
 // (ltkernels.reference._safe_sqrt does the same), so gradients stay finite at the poles.
 template <typename acc_t>
 LTK_HD ElemOut<acc_t> angular_logit(acc_t c_in, acc_t M, acc_t m_for_fallback, int mode, acc_t S) {
-  const bool clamped = c_in > acc_t(1) || c_in < acc_t(-1);
-  const acc_t c = c_in > acc_t(1) ? acc_t(1) : (c_in < acc_t(-1) ? acc_t(-1) : c_in);
+  const bool arc = (mode == kArcFace || mode == kArcFaceEasy);
+  // torch.clamp passes no gradient at or beyond its bounds; neither do we
+  const bool clamped = arc && (c_in >= acc_t(1) || c_in <= acc_t(-1));
+  const acc_t c = !arc ? c_in : (c_in > acc_t(1) ? acc_t(1) : (c_in < acc_t(-1) ? acc_t(-1) : c_in));
   const acc_t cosM = ::cos(M), sinM = ::sin(M);
   const acc_t one_minus = acc_t(1) - c * c;
   const acc_t sine = ltk_sqrt<acc_t>(one_minus > acc_t(0) ? one_minus : acc_t(0));
@@ -56,7 +58,7 @@ LTK_HD ElemOut<acc_t> angular_logit(acc_t c_in, acc_t M, acc_t m_for_fallback, i
   }
   ElemOut<acc_t> o;
   o.z = S * (use_phi ? phi : alt);
-  // Outside [-1, 1] the clamp makes the output constant in c.
+  // On and outside the bounds the clamp makes the output constant in c.
   o.dzdc = clamped ? acc_t(0) : S * (use_phi ? dphi : acc_t(1));
   return o;
 }
