@@ -322,7 +322,7 @@ class Trainer:
             n_steps = len(loader) + step0
             if max_steps:
                 n_steps = min(n_steps, int(max_steps))
-            if epoch != start_epoch or state is None:
+            if step0 == 0:   # a mid-epoch resume continues the epoch's running loss from the checkpoint
                 running = {"loss": 0.0, "n": 0}
             model.train()
             if si > 0 and scfg.get("freeze_backbone", True):
