@@ -38,35 +38,6 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& x) {
   }
 }
 
-// Scalar view of the per-element transform for one row (target fix-ups, the angular+cloud path).
-template <typename scalar_t, typename acc_t>
-struct RowCtx {
-  const MarginCeArgs<scalar_t, acc_t>& a;
-  int64_t i, y;
-  acc_t S, t;
-  const acc_t* pert;  // per-column cloud perturbation of this row (linear mode) or the raw |eps| delta
-
-  ElemOut<acc_t> elem(int64_t j, acc_t c) const {
-    const bool tgt = (j == y);
-    if (a.angular == kLinear) {
-      acc_t x = (a.col_scale ? a.col_scale[j] : acc_t(1)) * c;
-      if (a.col_bias) x += a.col_bias[j];
-      if (a.shift_coef) x += t * a.shift_coef[j];
-      if (pert) x -= pert[j];
-      if (tgt && a.margin) x -= a.margin[y];
-      return ElemOut<acc_t>{S * x, S * (a.col_scale ? a.col_scale[j] : acc_t(1))};
-    }
-    const acc_t m = (tgt && a.margin) ? a.margin[y] : acc_t(0);
-    const acc_t M = m + (pert ? pert[j] : acc_t(0));
-    if (!tgt && M == acc_t(0)) {
-      // no angle to add: ArcFace still clamps the cosine to [-1, 1]
-      const bool out = arcface_clamps(a.angular) && (c >= acc_t(1) || c <= acc_t(-1));
-      return ElemOut<acc_t>{S * (out ? (c > acc_t(0) ? acc_t(1) : acc_t(-1)) : c), out ? acc_t(0) : S};
-    }
-    return angular_logit<acc_t>(c, M, m, a.angular, S);
-  }
-};
-
 template <typename scalar_t, typename acc_t>
 void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
   using Vec = Vectorized<acc_t>;
@@ -112,7 +83,6 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
       const acc_t* pert = nullptr;
       if (cloud) {
         acc_t* p = pbuf.data();
-        const acc_t k = a.angular == kLinear ? a.noise_mul : acc_t(1.5707963267948966) * a.angular_eps;
         for (int64_t j0 = 0; j0 < C; j0 += 4) {
           float nz[4];
           if (a.noise) {
@@ -122,14 +92,12 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
           }
           for (int u = 0; u < 4 && j0 + u < C; ++u) {
             const int64_t j = j0 + u;
-            acc_t e = a.noise ? a.noise[i * C + j] : acc_t(nz[u]) * acc_t(1.0 / 3.0);
-            e = e > acc_t(1) ? acc_t(1) : (e < acc_t(-1) ? acc_t(-1) : e);
-            p[j] = k * std::abs(e) * a.cloud[j];
+            p[j] = cloud_perturbation(a, j, a.noise ? a.noise[i * C + j] : scale_noise<acc_t>(nz[u]));
           }
         }
         pert = p;
       }
-      RowCtx<scalar_t, acc_t> ctx{a, i, y, S, t, pert};
+      auto elem = [&](int64_t j) { return element_logit(a, j, y, S, t, pert ? pert[j] : acc_t(0), c[j]); };
 
       // ---- pass 1: logits and max
       Vec vmax(ninf), vswz(0);
@@ -157,14 +125,14 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
         zmax = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
         if (smoothing) swz = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vswz);
         // target element: margin (and the angular transform) only here
-        const ElemOut<acc_t> ty = ctx.elem(y, c[y]);
+        const ElemOut<acc_t> ty = elem(y);
         if (smoothing) swz += (a.weight ? a.weight[y] : acc_t(1)) * (ty.z - z[y]);
         z[y] = ty.z;
         if (std::isnan(ty.z) || ty.z > zmax) zmax = ty.z;
       } else {
         zmax = ninf;
         for (int64_t j = 0; j < C; ++j) {
-          const ElemOut<acc_t> o = ctx.elem(j, c[j]);
+          const ElemOut<acc_t> o = elem(j);
           z[j] = o.z;
           jbuf[j] = o.dzdc;
           zmax = (std::isnan(o.z) || o.z > zmax) ? o.z : zmax;
@@ -173,9 +141,8 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
         for (int64_t j = C; j < Cpad; ++j) z[j] = ninf;
       }
       const acc_t z_t = z[y];
-      // An infinite max would turn z - max into NaN for the finite entries; shift by 0 then (the row
-      // still propagates inf/NaN like PyTorch's log_softmax).
-      const acc_t shift = std::isinf(zmax) ? acc_t(0) : zmax;
+      // An infinite max makes the row NaN, as PyTorch's log_softmax does.
+      const acc_t shift = zmax;
 
       // ---- pass 2: exp and sum
       Vec vsum(0);
@@ -219,7 +186,7 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
           }
           (gz * jac).store(g + j, n);
         }
-        g[y] = dz_at(y) * ctx.elem(y, c[y]).dzdc;
+        g[y] = dz_at(y) * elem(y).dzdc;
       } else {
         for (int64_t j = 0; j < C; ++j) g[j] = dz_at(j) * jbuf[j];
       }

@@ -63,4 +63,44 @@ LTK_HD ElemOut<acc_t> angular_logit(acc_t c_in, acc_t M, acc_t m_for_fallback, i
   return o;
 }
 
+// Raw cloud noise eps_ij (the N(0, 1/3) draw before clamp and abs) from a standard normal.
+template <typename acc_t>
+LTK_HD acc_t scale_noise(float standard_normal) {
+  return acc_t(standard_normal) * acc_t(1.0 / 3.0);
+}
+
+// Cloud perturbation of column j from the raw draw eps: linear mode subtracts
+// noise_mul |clamp(eps, -1, 1)| delta_j from the cosine; GCLAng adds (pi/2) epsilon delta_j |clamp(eps)| to
+// the angle (|eta| of methods.md §2, epsilon >= 0).
+template <typename scalar_t, typename acc_t>
+LTK_HD acc_t cloud_perturbation(const MarginCeArgs<scalar_t, acc_t>& a, int64_t j, acc_t eps) {
+  eps = eps > acc_t(1) ? acc_t(1) : (eps < acc_t(-1) ? acc_t(-1) : eps);
+  const acc_t k = a.angular == kLinear ? a.noise_mul : acc_t(1.5707963267948966) * a.angular_eps;
+  return k * (eps < acc_t(0) ? -eps : eps) * a.cloud[j];
+}
+
+// z_ij and dz_ij/dc_ij for one element of row i (target y, row scale S, row shift t, perturbation pert).
+template <typename scalar_t, typename acc_t>
+LTK_HD ElemOut<acc_t> element_logit(const MarginCeArgs<scalar_t, acc_t>& a, int64_t j, int64_t y, acc_t S,
+                                    acc_t t, acc_t pert, acc_t c) {
+  const bool tgt = (j == y);
+  if (a.angular == kLinear) {
+    const acc_t r = a.col_scale ? a.col_scale[j] : acc_t(1);
+    acc_t x = r * c;
+    if (a.col_bias) x += a.col_bias[j];
+    if (a.shift_coef) x += t * a.shift_coef[j];
+    x -= pert;
+    if (tgt && a.margin) x -= a.margin[y];
+    return ElemOut<acc_t>{S * x, S * r};
+  }
+  const acc_t m = (tgt && a.margin) ? a.margin[y] : acc_t(0);
+  const acc_t M = m + pert;
+  if (!tgt && M == acc_t(0)) {
+    // no angle to add: ArcFace still clamps the cosine to [-1, 1] (no gradient at or beyond the bounds)
+    const bool out = arcface_clamps(a.angular) && (c >= acc_t(1) || c <= acc_t(-1));
+    return ElemOut<acc_t>{S * (out ? (c > acc_t(0) ? acc_t(1) : acc_t(-1)) : c), out ? acc_t(0) : S};
+  }
+  return angular_logit<acc_t>(c, M, m, a.angular, S);
+}
+
 }  // namespace ltk
