@@ -142,6 +142,16 @@ def test_crt_and_lws(tmp_path, head_init):
     assert math.isfinite(s["test"]["top1"])
 
 
+def test_mixup_one_shared_noise_draw(tmp_path):
+    """mixup_noise=one: both mixup terms see the same cloud (the official code draws twice): the run differs
+    from the two-draw run but stays finite."""
+    ov = ["method=gcl", "stage2=null", "optim.epochs=1", "train.max_steps_per_epoch=3"]
+    train(tiny_cfg(tmp_path / "one", *ov, "train.mixup_noise=one"), log=lambda *a: None)
+    train(tiny_cfg(tmp_path / "two", *ov), log=lambda *a: None)
+    a, b = state_of(tmp_path / "one"), state_of(tmp_path / "two")
+    assert torch.isfinite(a["head.weight"]).all() and not torch.equal(a["head.weight"], b["head.weight"])
+
+
 def test_amp_bf16_and_grad_clip(tmp_path):
     s = train(tiny_cfg(tmp_path, "method=ldam_drw", "train.amp=bf16", "optim.grad_clip=1.0", "optim.epochs=2",
                        "train.max_steps_per_epoch=3"), log=lambda *a: None)
@@ -158,6 +168,10 @@ def test_tau_norm_posthoc_and_outputs(tmp_path):
         assert os.path.exists(tmp_path / f), f
     rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and "val_top1" in rows[0] and "val_few" in rows[0]
+    # a fresh run (resume off) in the same directory replaces the logs instead of appending
+    train(tiny_cfg(tmp_path, "method=tau_norm", "optim.epochs=2", "train.max_steps_per_epoch=3",
+                   "train.resume=false"), log=lambda *a: None)
+    assert (tmp_path / "metrics.csv").read_text().strip().splitlines() == rows
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -88,7 +88,7 @@ def atomic_save(obj, path: str) -> None:
 def config_hash(cfg: dict) -> str:
     keep = {k: v for k, v in cfg.items() if k not in ("train", "output_dir", "methods", "name")}
     keep["train"] = {k: v for k, v in cfg["train"].items()
-                     if k in ("mixup_alpha", "amp", "max_steps_per_epoch")}
+                     if k in ("mixup_alpha", "mixup_noise", "amp", "max_steps_per_epoch")}
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -221,6 +221,14 @@ class Trainer:
                 return state["summary"]
             self.log(f"[{cfg['name']}] resuming stage {state['stage'] + 1} epoch {state['epoch']} "
                      f"step {state['step']}")
+        if state is None and self.rank == 0:   # a fresh run never appends to an older run's logs
+            import glob
+            import shutil
+            for f in ["metrics.csv", "refcheck.csv", "summary.json"] + [os.path.basename(p) for p in
+                                                                       glob.glob(os.path.join(self.out, "best_stage*.pt"))]:
+                if os.path.exists(os.path.join(self.out, f)):
+                    os.remove(os.path.join(self.out, f))
+            shutil.rmtree(os.path.join(self.out, "tb"), ignore_errors=True)
         self.history: List[dict] = state["history"] if state else []
         self.stage_results: List[dict] = state["stage_results"] if state else []
         self.global_step = state["global_step"] if state else 0
@@ -348,9 +356,16 @@ class Trainer:
                     logits, feats = wrapped(x, return_features=True)
                 logits, feats = logits.float(), feats.float()
 
+                shared = None
+                if driver.takes_noise and alpha > 0 and scfg["train"]["mixup_noise"] == "one":
+                    # one cloud-noise draw for both mixup terms (the official code draws twice)
+                    gen = noise_generator(scfg["seed"], self.global_step, 0, self.rank) \
+                        if scfg["loss"]["noise"] == "injected" else None
+                    shared = (torch.randn(logits.shape, generator=gen) / 3.0).to(logits.device)
+
                 def crit(target, call):
-                    noise = None
-                    if driver.takes_noise and scfg["loss"]["noise"] == "injected":
+                    noise = shared
+                    if noise is None and driver.takes_noise and scfg["loss"]["noise"] == "injected":
                         gen = noise_generator(scfg["seed"], self.global_step, call, self.rank)
                         noise = (torch.randn(logits.shape, generator=gen) / 3.0).to(logits.device)
                     return driver(logits, feats, target, noise)
