@@ -25,6 +25,21 @@ TORCH_LIBRARY(ltkernels, m) {
       "Tensor? noise, Tensor? seed, float scale, float noise_mul, float angular_eps, int offset, int angular, "
       "int reduction, int focal, float gamma, int ignore_index, float label_smoothing, bool compute_grad) "
       "-> (Tensor, Tensor, Tensor)");
+  // Cosine classifier head (methods.md §1.1; cosine_head_common.cpp, cpu/ and cuda/cosine_head_*):
+  // logits = normalize(features, dim=1) @ normalize(weight, dim=0), weight (D, C), F.normalize eps semantics.
+  // Returns (logits, |features_i|, |weight_j|), the norms raw (not clamped). The backward gives (grad_features,
+  // grad_weight), each empty when not needed; path 0 picks its temporaries by size, 1 / 2 force one (tests).
+  // cosine_scale_: self[i, j] /= max(row_norm[i], eps) max(col_norm[j], eps) (the forward's epilogue).
+  // cosine_tangent_: grad <- s (grad - proj_x grad) / max(|x|, eps) per vector of `vectors` along dim
+  // (without the division when prescaled), the backward's epilogue; scale s: a one-element tensor or None.
+  m.def("cosine_logits(Tensor features, Tensor weight, float eps=1e-12) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cosine_logits_backward(Tensor grad, Tensor features, Tensor weight, Tensor feature_norm, "
+      "Tensor weight_norm, float eps, bool need_features, bool need_weight, int path=0) -> (Tensor, Tensor)");
+  m.def("cosine_scale_(Tensor(a!) self, Tensor? row_norm, Tensor? col_norm, float eps=1e-12) -> ()");
+  m.def(
+      "cosine_tangent_(Tensor(a!) grad, Tensor vectors, Tensor norm, float eps, int dim, bool prescaled, "
+      "Tensor? scale=None) -> ()");
   // Which instruction-set build of the CPU kernels runs here ("avx512", "avx2" or "default").
   m.def("cpu_isa() -> str", [] { return std::string(ltk::cpu::kernels_isa_name()); });
 }

@@ -1,0 +1,206 @@
+// Device-agnostic bodies of the cosine head ops (schemas in ops.cpp, math in ltk/cosine_head.h):
+// argument checks, operand layouts, the GEMMs (at::mm: CPU BLAS or cuBLAS) and the order of the fused
+// device primitives (CosineDeviceOps).
+//
+// Layouts: features (N, D) have their vectors along dim 1, the weight (D, C) along dim 0 (the official
+// NormedLinear layout). Either operand may be contiguous or the transpose of a contiguous matrix (e.g. a
+// (C, D) weight passed as weight.t()); both are used without a copy and each gradient comes back in its
+// operand's layout. Other strides are copied once.
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/Exception.h>
+
+#include "cosine_head_op.h"
+
+namespace ltk {
+namespace {
+
+// A 2-D operand as a contiguous physical matrix; `logical()` gives back the caller's view.
+struct Operand {
+  at::Tensor phys;
+  bool vec_rows;    // the vectors are the rows of phys
+  bool transposed;  // logical = phys.t()
+  at::Tensor logical() const { return transposed ? phys.t() : phys; }
+  at::Tensor to_logical(const at::Tensor& p) const { return transposed ? p.t() : p; }
+};
+
+Operand canonical(const at::Tensor& t, bool vectors_are_rows) {
+  if (t.is_contiguous()) return {t, vectors_are_rows, false};
+  if (t.t().is_contiguous()) return {t.t(), !vectors_are_rows, true};
+  return {t.contiguous(), vectors_are_rows, false};
+}
+
+void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+                   " must be float32 or float64, got ", t.scalar_type());
+}
+
+void check_operands(const at::Tensor& x, const at::Tensor& w, double eps, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": features must be 2-D (N, D), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2, op, ": weight must be 2-D (D, C), got shape ", w.sizes());
+  check_float(x, op, "features");
+  check_float(w, op, "weight");
+  TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type(), op, ": features (", x.scalar_type(), ") and weight (",
+                   w.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK_VALUE(x.device() == w.device(), op, ": features are on ", x.device(), " but weight is on ",
+                    w.device());
+  TORCH_CHECK_VALUE(x.size(1) == w.size(0), op, ": features (N, D) = ", x.sizes(), " and weight (D, C) = ",
+                    w.sizes(), " disagree on D");
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
+}
+
+at::Tensor checked_vector(const at::Tensor& v, int64_t len, const at::Tensor& like, const char* op,
+                          const char* name) {
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == len, op, ": ", name, " must have shape (", len, ",), got ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(v.device() == like.device(), op, ": ", name, " is on ", v.device(), " but the data is on ",
+                    like.device());
+  TORCH_CHECK_TYPE(v.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type(),
+                   ", got ", v.scalar_type());
+  return v.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_impl(const CosineDeviceOps& dev,
+                                                                  const at::Tensor& features,
+                                                                  const at::Tensor& weight, double eps) {
+  check_operands(features, weight, eps, "cosine_logits");
+  const Operand x = canonical(features, /*vectors_are_rows=*/true);
+  const Operand w = canonical(weight, /*vectors_are_rows=*/false);
+  at::Tensor xn = at::empty({features.size(0)}, features.options());
+  at::Tensor wn = at::empty({weight.size(1)}, weight.options());
+  dev.norms(x.phys, x.vec_rows, xn);
+  dev.norms(w.phys, w.vec_rows, wn);
+  // One GEMM on the raw operands, then the fused epilogue c_ij *= inv_x_i inv_w_j in place.
+  at::Tensor out = at::mm(x.logical(), w.logical());
+  if (!out.is_contiguous()) out = out.contiguous();
+  dev.scale(out, xn, wn, eps, out);
+  return {out, xn, wn};
+}
+
+std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDeviceOps& dev, const at::Tensor& grad,
+                                                               const at::Tensor& features, const at::Tensor& weight,
+                                                               const at::Tensor& feature_norm,
+                                                               const at::Tensor& weight_norm, double eps,
+                                                               bool need_features, bool need_weight, int64_t path) {
+  static const char* op = "cosine_logits_backward";
+  check_operands(features, weight, eps, op);
+  const int64_t N = features.size(0), D = features.size(1), C = weight.size(1);
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == N && grad.size(1) == C, op, ": grad must have shape (", N,
+                    ", ", C, "), got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == features.scalar_type(), op, ": grad must have dtype ",
+                   features.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == features.device(), op, ": grad is on ", grad.device(), " but features are on ",
+                    features.device());
+  TORCH_CHECK_VALUE(path >= 0 && path <= 2, op, ": path must be 0 (auto), 1 or 2, got ", path);
+  const at::Tensor xn = checked_vector(feature_norm, N, features, op, "feature_norm");
+  const at::Tensor wn = checked_vector(weight_norm, C, features, op, "weight_norm");
+  const Operand x = canonical(features, true);
+  const Operand w = canonical(weight, false);
+  at::Tensor gx = at::empty({0}, features.options()), gw = at::empty({0}, features.options());
+  if (!need_features && !need_weight) return {gx, gw};
+
+  // Path 1: one (N, C) temporary G2 = grad / |x_i| / |w_j| and both GEMMs on the raw operands.
+  // Path 2: the normalised operands V = W / |w_j| (for dx) and U = x / |x_i| (for dW) as temporaries.
+  // Pick the one that writes fewer elements.
+  const int64_t cost_g2 = N * C;
+  const int64_t cost_uv = (need_features ? D * C : 0) + (need_weight ? N * D : 0);
+  const bool use_g2 = path == 1 || (path == 0 && cost_g2 <= cost_uv);
+  const at::Tensor none;
+  if (use_g2) {
+    at::Tensor g2 = at::empty({N, C}, features.options());
+    dev.scale(grad, xn, wn, eps, g2);
+    if (need_features) {
+      at::Tensor p = x.transposed ? at::mm(w.logical(), g2.t()) : at::mm(g2, w.logical().t());
+      dev.tangent(p, x.phys, x.vec_rows, xn, eps, /*prescaled=*/true, none);
+      gx = x.to_logical(p);
+    }
+    if (need_weight) {
+      at::Tensor p = w.transposed ? at::mm(g2.t(), x.logical()) : at::mm(x.logical().t(), g2);
+      dev.tangent(p, w.phys, w.vec_rows, wn, eps, /*prescaled=*/true, none);
+      gw = w.to_logical(p);
+    }
+  } else {
+    if (need_features) {
+      at::Tensor v = at::empty_like(w.phys, at::MemoryFormat::Contiguous);
+      dev.scale(w.phys, w.vec_rows ? wn : none, w.vec_rows ? none : wn, eps, v);
+      const at::Tensor vl = w.to_logical(v);
+      at::Tensor p = x.transposed ? at::mm(vl, grad.t()) : at::mm(grad, vl.t());
+      dev.tangent(p, x.phys, x.vec_rows, xn, eps, /*prescaled=*/false, none);
+      gx = x.to_logical(p);
+    }
+    if (need_weight) {
+      at::Tensor u = at::empty_like(x.phys, at::MemoryFormat::Contiguous);
+      dev.scale(x.phys, x.vec_rows ? xn : none, x.vec_rows ? none : xn, eps, u);
+      const at::Tensor ul = x.to_logical(u);
+      at::Tensor p = w.transposed ? at::mm(grad.t(), ul) : at::mm(ul.t(), grad);
+      dev.tangent(p, w.phys, w.vec_rows, wn, eps, /*prescaled=*/false, none);
+      gw = w.to_logical(p);
+    }
+  }
+  return {gx, gw};
+}
+
+void cosine_scale_impl(const CosineDeviceOps& dev, const at::Tensor& self, const std::optional<at::Tensor>& row_norm,
+                       const std::optional<at::Tensor>& col_norm, double eps) {
+  static const char* op = "cosine_scale_";
+  TORCH_CHECK_VALUE(self.dim() == 2, op, ": self must be 2-D, got shape ", self.sizes());
+  check_float(self, op, "self");
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
+  at::assert_no_internal_overlap(self);
+  const bool has_r = row_norm.has_value() && row_norm->defined();
+  const bool has_c = col_norm.has_value() && col_norm->defined();
+  const at::Tensor rn = has_r ? checked_vector(*row_norm, self.size(0), self, op, "row_norm") : at::Tensor();
+  const at::Tensor cn = has_c ? checked_vector(*col_norm, self.size(1), self, op, "col_norm") : at::Tensor();
+  if (self.is_contiguous()) {
+    at::Tensor s = self;
+    dev.scale(s, rn, cn, eps, s);
+  } else {
+    at::Tensor tmp = at::empty(self.sizes(), self.options());
+    dev.scale(self, rn, cn, eps, tmp);
+    const_cast<at::Tensor&>(self).copy_(tmp);
+  }
+}
+
+void cosine_tangent_impl(const CosineDeviceOps& dev, const at::Tensor& grad, const at::Tensor& vectors,
+                         const at::Tensor& norm, double eps, int64_t dim, bool prescaled,
+                         const std::optional<at::Tensor>& scale) {
+  static const char* op = "cosine_tangent_";
+  TORCH_CHECK_VALUE(grad.dim() == 2, op, ": grad must be 2-D, got shape ", grad.sizes());
+  TORCH_CHECK_VALUE(vectors.sizes() == grad.sizes(), op, ": vectors must have grad's shape ", grad.sizes(),
+                    ", got ", vectors.sizes());
+  check_float(grad, op, "grad");
+  TORCH_CHECK_TYPE(vectors.scalar_type() == grad.scalar_type(), op, ": vectors must have dtype ",
+                   grad.scalar_type(), ", got ", vectors.scalar_type());
+  TORCH_CHECK_VALUE(vectors.device() == grad.device(), op, ": vectors are on ", vectors.device(),
+                    " but grad is on ", grad.device());
+  TORCH_CHECK_VALUE(dim >= -2 && dim <= 1, op, ": dim must be 0 or 1 (the dimension the vectors lie along), got ",
+                    dim);
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
+  const bool along_rows = (dim < 0 ? dim + 2 : dim) == 1;  // vectors along dim 1: each row is one vector
+  const int64_t n_vec = along_rows ? grad.size(0) : grad.size(1);
+  const at::Tensor nrm = checked_vector(norm, n_vec, grad, op, "norm");
+  at::Tensor s;
+  if (scale.has_value() && scale->defined()) {
+    TORCH_CHECK_VALUE(scale->numel() == 1, op, ": scale must have one element, got shape ", scale->sizes());
+    TORCH_CHECK_VALUE(scale->device() == grad.device(), op, ": scale is on ", scale->device(), " but grad is on ",
+                      grad.device());
+    s = scale->to(grad.scalar_type()).reshape({1}).contiguous();
+  }
+  at::assert_no_internal_overlap(grad);
+  at::assert_no_overlap(grad, vectors);
+  at::Tensor& g = const_cast<at::Tensor&>(grad);
+  if (g.is_contiguous()) {
+    at::Tensor p = g;
+    dev.tangent(p, vectors.contiguous(), along_rows, nrm, eps, prescaled, s);
+  } else if (g.t().is_contiguous()) {
+    at::Tensor p = g.t();
+    dev.tangent(p, vectors.t().contiguous(), !along_rows, nrm, eps, prescaled, s);
+  } else {
+    at::Tensor p = g.contiguous();
+    dev.tangent(p, vectors.contiguous(), along_rows, nrm, eps, prescaled, s);
+    g.copy_(p);
+  }
+}
+
+}  // namespace ltk

@@ -1,0 +1,47 @@
+// Cosine classifier head (methods.md §1.1): device-agnostic orchestration (cosine_head_common.cpp) over
+// three device primitives implemented by the CPU (cpu/cosine_head_cpu.cpp) and CUDA
+// (cuda/cosine_head_cuda.cu) back ends. GEMMs go through at::mm (the CPU BLAS / cuBLAS).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace ltk {
+
+// Primitives on canonical operands: `m` is a contiguous 2-D matrix whose vectors are either its rows
+// (vec_rows) or its columns. All tensors share one floating dtype (float or double) and one device.
+struct CosineDeviceOps {
+  virtual ~CosineDeviceOps() = default;
+  // out[k] = |m_k| (raw L2 norm, not clamped); out contiguous of length n_vec.
+  virtual void norms(const at::Tensor& m, bool vec_rows, at::Tensor& out) const = 0;
+  // out[i, j] = src[i, j] / max(rn[i], eps) / max(cn[j], eps). src: any strides; out contiguous, may be src
+  // itself; rn / cn undefined means "no scaling along that dimension".
+  virtual void scale(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
+                     at::Tensor& out) const = 0;
+  // In place on g (contiguous, x's shape, x contiguous), per vector k (ltk/cosine_head.h):
+  //   g_k <- alpha_k (g_k - c_k x_k),  c_k = [n_k >= eps] (x_k · g_k) / n_k^2,
+  //   alpha_k = s (prescaled) or s / max(n_k, eps);  s = *scale (a one-element tensor) or 1 if undefined.
+  virtual void tangent(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
+                       bool prescaled, const at::Tensor& scale) const = 0;
+};
+
+const CosineDeviceOps& cosine_cpu_ops();
+
+// Op bodies (schemas in ops.cpp); `dev` must match the tensors' device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_impl(const CosineDeviceOps& dev,
+                                                                  const at::Tensor& features,
+                                                                  const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDeviceOps& dev, const at::Tensor& grad,
+                                                               const at::Tensor& features, const at::Tensor& weight,
+                                                               const at::Tensor& feature_norm,
+                                                               const at::Tensor& weight_norm, double eps,
+                                                               bool need_features, bool need_weight, int64_t path);
+void cosine_scale_impl(const CosineDeviceOps& dev, const at::Tensor& self, const std::optional<at::Tensor>& row_norm,
+                       const std::optional<at::Tensor>& col_norm, double eps);
+void cosine_tangent_impl(const CosineDeviceOps& dev, const at::Tensor& grad, const at::Tensor& vectors,
+                         const at::Tensor& norm, double eps, int64_t dim, bool prescaled,
+                         const std::optional<at::Tensor>& scale);
+
+}  // namespace ltk

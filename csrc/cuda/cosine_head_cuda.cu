@@ -1,0 +1,84 @@
+// CUDA back end of the cosine head: the at::Tensor side of cosine_head_kernels.cuh (the orchestration and
+// the cuBLAS GEMMs are shared with the CPU in cosine_head_common.cpp).
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cosine_head_op.h"
+#include "cuda/cosine_head_kernels.cuh"
+
+namespace ltk {
+namespace {
+
+template <typename T>
+const T* opt_ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+struct CudaCosineOps final : CosineDeviceOps {
+  void norms(const at::Tensor& m, bool vec_rows, at::Tensor& out) const override {
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "cosine_norms_cuda", [&] {
+      cosine_cuda::launch_norms<scalar_t>(m.size(0), m.size(1), m.const_data_ptr<scalar_t>(), vec_rows,
+                                          out.mutable_data_ptr<scalar_t>(), stream);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  void scale(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
+             at::Tensor& out) const override {
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cosine_scale_cuda", [&] {
+      cosine_cuda::launch_scale<scalar_t>(src.size(0), src.size(1), src.const_data_ptr<scalar_t>(), src.stride(0),
+                                          src.stride(1), opt_ptr<scalar_t>(rn), opt_ptr<scalar_t>(cn),
+                                          static_cast<scalar_t>(eps), out.mutable_data_ptr<scalar_t>(), stream);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  void tangent(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
+               bool prescaled, const at::Tensor& scale) const override {
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor ws = vec_rows ? at::Tensor() : at::empty({g.size(1)}, g.options());
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cosine_tangent_cuda", [&] {
+      cosine_cuda::launch_tangent<scalar_t>(g.size(0), g.size(1), g.mutable_data_ptr<scalar_t>(),
+                                            x.const_data_ptr<scalar_t>(), vec_rows, norm.const_data_ptr<scalar_t>(),
+                                            static_cast<scalar_t>(eps), prescaled, opt_ptr<scalar_t>(scale),
+                                            ws.defined() ? ws.mutable_data_ptr<scalar_t>() : nullptr, stream);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+const CosineDeviceOps& cuda_ops() {
+  static const CudaCosineOps ops;
+  return ops;
+}
+
+}  // namespace
+}  // namespace ltk
+
+TORCH_LIBRARY_IMPL(ltkernels, CUDA, m) {
+  m.impl("cosine_logits", [](const at::Tensor& features, const at::Tensor& weight, double eps) {
+    const c10::cuda::CUDAGuard guard(features.device());
+    return ltk::cosine_logits_impl(ltk::cuda_ops(), features, weight, eps);
+  });
+  m.impl("cosine_logits_backward",
+         [](const at::Tensor& grad, const at::Tensor& features, const at::Tensor& weight,
+            const at::Tensor& feature_norm, const at::Tensor& weight_norm, double eps, bool need_features,
+            bool need_weight, int64_t path) {
+           const c10::cuda::CUDAGuard guard(features.device());
+           return ltk::cosine_logits_backward_impl(ltk::cuda_ops(), grad, features, weight, feature_norm, weight_norm,
+                                                   eps, need_features, need_weight, path);
+         });
+  m.impl("cosine_scale_", [](const at::Tensor& self, const std::optional<at::Tensor>& row_norm,
+                             const std::optional<at::Tensor>& col_norm, double eps) {
+    const c10::cuda::CUDAGuard guard(self.device());
+    ltk::cosine_scale_impl(ltk::cuda_ops(), self, row_norm, col_norm, eps);
+  });
+  m.impl("cosine_tangent_", [](const at::Tensor& grad, const at::Tensor& vectors, const at::Tensor& norm,
+                               double eps, int64_t dim, bool prescaled, const std::optional<at::Tensor>& scale) {
+    const c10::cuda::CUDAGuard guard(grad.device());
+    ltk::cosine_tangent_impl(ltk::cuda_ops(), grad, vectors, norm, eps, dim, prescaled, scale);
+  });
+}

@@ -1,0 +1,484 @@
+"""Fused cosine classifier head (methods.md §1.1) and head + loss without the full logit matrix.
+
+* :func:`cosine_logits` — ``normalize(features, dim=1) @ normalize(weight, dim=0)`` with
+  ``F.normalize`` eps semantics (divide by ``max(‖v‖, eps)``), as one GEMM plus a fused scaling epilogue;
+  backward: two GEMMs plus fused tangent-projection epilogues (``torch.ops.ltkernels.cosine_logits``).
+* :class:`NormedLinear` — the official module (weight ``(in, out)``), loading official checkpoints and,
+  with ``layout="out_in"``, storing a ``(out, in)`` weight instead (both layouts load into either).
+* :func:`cosine_head_loss` — ``features, weight, target -> loss`` for every loss module of
+  :mod:`ltkernels.losses` / :mod:`ltkernels.reference` that takes cosine input (LDAM, KPS, CosFace, GCL,
+  GCLAng, ArcFace, and the plain CE-type ones), processing the batch in row chunks so that only one
+  chunk of logits exists at a time.
+
+Dtypes: the op computes in float32 or float64; float16/bfloat16 inputs (autocast) are computed in float32
+and return float32 cosines.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import _ops  # noqa: F401  (loads ltkernels._C: registers torch.ops.ltkernels.*)
+
+__all__ = ["cosine_logits", "NormedLinear", "cosine_head_loss"]
+
+ops = torch.ops.ltkernels
+
+LAYOUTS = ("in_out", "out_in")
+EPS = 1e-12
+# Default chunk of cosine_head_loss: about this many logits per chunk.
+CHUNK_ELEMENTS = 1 << 23
+
+
+# ---------------------------------------------------------------------------------------------------
+# Op registration: fake kernels and autograd
+# ---------------------------------------------------------------------------------------------------
+def _empty_like_layout(t: Tensor) -> Tensor:
+    """An empty tensor shaped like ``t`` in the layout the C++ op gives t's gradient: contiguous, or the
+    transpose of a contiguous matrix when ``t`` is one (cosine_head_common.cpp: ``canonical``)."""
+    if t.is_contiguous():
+        return t.new_empty(t.shape)
+    if t.t().is_contiguous():
+        return t.new_empty((t.shape[1], t.shape[0])).t()
+    return t.new_empty(t.shape)
+
+
+@torch.library.register_fake("ltkernels::cosine_logits")
+def _cosine_logits_fake(features, weight, eps=EPS):
+    torch._check(features.dim() == 2, lambda: f"cosine_logits: features must be 2-D, got {tuple(features.shape)}")
+    torch._check(weight.dim() == 2, lambda: f"cosine_logits: weight must be 2-D, got {tuple(weight.shape)}")
+    torch._check(features.shape[1] == weight.shape[0], lambda: "cosine_logits: features and weight disagree on D")
+    n, c = features.shape[0], weight.shape[1]
+    return features.new_empty((n, c)), features.new_empty((n,)), features.new_empty((c,))
+
+
+@torch.library.register_fake("ltkernels::cosine_logits_backward")
+def _cosine_logits_backward_fake(grad, features, weight, feature_norm, weight_norm, eps, need_features,
+                                 need_weight, path=0):
+    gx = _empty_like_layout(features) if need_features else features.new_empty((0,))
+    gw = _empty_like_layout(weight) if need_weight else features.new_empty((0,))
+    return gx, gw
+
+
+@torch.library.register_fake("ltkernels::cosine_scale_")
+def _cosine_scale_fake(self, row_norm, col_norm, eps=EPS):
+    return None
+
+
+@torch.library.register_fake("ltkernels::cosine_tangent_")
+def _cosine_tangent_fake(grad, vectors, norm, eps, dim, prescaled, scale=None):
+    return None
+
+
+def _cosine_setup(ctx, inputs, output):
+    features, weight, eps = inputs
+    _, xn, wn = output
+    ctx.save_for_backward(features, weight, xn, wn)
+    ctx.eps = eps
+    # The norms are returned for convenience (feature-norm losses, logging) and are not differentiable.
+    ctx.mark_non_differentiable(xn, wn)
+
+
+def _cosine_backward(ctx, grad, _g_xn, _g_wn):
+    features, weight, xn, wn = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad is None or not (need_x or need_w):
+        return None, None, None
+    gx, gw = ops.cosine_logits_backward(grad, features, weight, xn, wn, ctx.eps, need_x, need_w, 0)
+    return (gx if need_x else None), (gw if need_w else None), None
+
+
+torch.library.register_autograd("ltkernels::cosine_logits", _cosine_backward, setup_context=_cosine_setup)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------------------
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _prepare(features, weight, layout: str, eps: float, fn: str):
+    """Validates (clear Python exceptions) and returns (features, weight as a (D, C) view)."""
+    if not isinstance(features, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"{fn}: features and weight must be tensors, got {type(features).__name__} and "
+                        f"{type(weight).__name__}")
+    _check_layout(layout)
+    if features.dim() != 2:
+        raise ValueError(f"{fn}: features must be 2-D (N, D), got shape {tuple(features.shape)}")
+    if weight.dim() != 2:
+        want = "(D, C)" if layout == "in_out" else "(C, D)"
+        raise ValueError(f"{fn}: weight must be 2-D {want}, got shape {tuple(weight.shape)}")
+    for name, t in (("features", features), ("weight", weight)):
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
+    if features.device != weight.device:
+        raise ValueError(f"{fn}: features are on {features.device} but weight is on {weight.device}")
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{fn}: eps must be a positive finite number, got {eps!r}")
+    w = weight if layout == "in_out" else weight.t()
+    if features.shape[1] != w.shape[0]:
+        want = f"({features.shape[1]}, C)" if layout == "in_out" else f"(C, {features.shape[1]})"
+        raise ValueError(f"{fn}: features have D={features.shape[1]} but weight has shape {tuple(weight.shape)} "
+                         f"(layout={layout!r} expects {want})")
+    # float16 / bfloat16 (autocast): compute in float32.
+    if features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()
+    if w.dtype in (torch.float16, torch.bfloat16):
+        w = w.float()
+    if features.dtype != w.dtype:
+        raise TypeError(f"{fn}: features ({features.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    return features, w
+
+
+def cosine_logits(features: Tensor, weight: Tensor, *, layout: str = "in_out", eps: float = EPS) -> Tensor:
+    """Cosine logits ``normalize(features, dim=1) @ normalize(W, dim=0)`` (``F.normalize`` eps semantics).
+
+    Args:
+        features: (N, D) float tensor (any strides; contiguous or a transposed view avoid a copy).
+        weight: (D, C) (``layout="in_out"``, the official NormedLinear layout) or (C, D)
+            (``layout="out_in"``, the ``nn.Linear`` layout).
+        eps: the norm clamp (F.normalize's default 1e-12).
+
+    Returns:
+        (N, C) cosines, differentiable w.r.t. both inputs (gradients in each input's layout).
+    """
+    x, w = _prepare(features, weight, layout, eps, "cosine_logits")
+    return ops.cosine_logits(x, w, float(eps))[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------------
+class NormedLinear(nn.Module):
+    """Cosine classifier (LDAM-DRW / GCL / KPS ``NormedLinear``): ``forward(x) = cosine_logits(x, W)``.
+
+    ``weight`` is ``(in_features, out_features)`` as in the official code (``layout="in_out"``, default),
+    initialised ``uniform(-1, 1)`` then each column renormalised to unit length (the official
+    ``renorm_(2, 1, 1e-5).mul_(1e5)``), no bias. ``layout="out_in"`` stores ``(out_features,
+    in_features)`` rows instead (``nn.Linear``'s layout; the same random draw, transposed).
+
+    ``load_state_dict`` accepts either layout for a non-square weight (a weight whose shape is the
+    transpose of this module's is transposed on load); a square weight (in == out) is taken to be in
+    this module's layout.
+    """
+
+    def __init__(self, in_features: int, out_features: int, layout: str = "in_out", eps: float = EPS,
+                 device=None, dtype=None):
+        super().__init__()
+        _check_layout(layout)
+        if in_features < 0 or out_features < 0:
+            raise ValueError(f"in_features and out_features must be >= 0, got {in_features}, {out_features}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.layout = layout
+        self.eps = float(eps)
+        shape = (self.in_features, self.out_features) if layout == "in_out" else (self.out_features,
+                                                                                    self.in_features)
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        w = torch.empty(self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype)
+        w.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+        self.weight.copy_(w if self.layout == "in_out" else w.t())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cosine_logits(x, self.weight, layout=self.layout, eps=self.eps)
+
+    def weight_in_out(self) -> Tensor:
+        """The weight as an (in, out) = (D, C) view."""
+        return self.weight if self.layout == "in_out" else self.weight.t()
+
+    def class_weight(self) -> Tensor:
+        """Weights as (out, in) rows (one per class), for analysis (norms, τ-norm)."""
+        return self.weight_in_out().t()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout!r}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        w = state_dict.get(key)
+        if isinstance(w, Tensor) and w.dim() == 2 and tuple(w.shape) != tuple(self.weight.shape) \
+                and tuple(w.shape[::-1]) == tuple(self.weight.shape):
+            state_dict[key] = w.t()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Head + loss in row chunks
+# ---------------------------------------------------------------------------------------------------
+class _ReductionProbe:
+    """Stands in for a loss module's ``_mce`` (the cross-entropy workhorse every module of
+    ``ltkernels.losses`` / ``ltkernels.reference`` calls) during one chunk: it asks the real one for the
+    chunk's *sum* (or per-row losses) and records how the module wanted the batch reduced, with the
+    chunk's share of the denominator of a (weighted) mean."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.kind: Optional[str] = None
+        self.denom: Optional[Tensor] = None
+        self.calls = 0
+
+    def __call__(self, input: Tensor, target: Tensor, **kw):
+        red = kw.pop("reduction", "mean")
+        focal = kw.get("focal_gamma") is not None
+        if red == "none":
+            kind = "none"
+        elif red == "sum":
+            kind = "sum"
+        elif red == "batch_mean" or (red == "mean" and focal):
+            kind = "batch"  # sum / N (the focal 'mean' of the official code too)
+        elif red == "mean":
+            kind = "mean"
+            tgt = torch.as_tensor(target).to(device=input.device, dtype=torch.long)
+            valid = tgt != int(kw.get("ignore_index", -100))
+            w = kw.get("weight")
+            if w is None:
+                self.denom = valid.sum().to(input.dtype)
+            else:
+                w = torch.as_tensor(w).to(device=input.device, dtype=input.dtype)
+                if w.dim() == 0:
+                    w = w.expand(input.shape[1])
+                self.denom = (w[torch.where(valid, tgt, torch.zeros_like(tgt))] * valid).sum()
+        else:
+            raise ValueError(f"cosine_head_loss: unsupported reduction {red!r}")
+        self.kind = kind
+        self.calls += 1
+        return self.inner(input, target, reduction="none" if kind == "none" else "sum", **kw)
+
+
+def _call_chunk(loss: nn.Module, cos: Tensor, target: Tensor, noise: Optional[Tensor]):
+    """loss(cos, target[, noise=noise]) with the module's reduction turned into a sum; returns
+    (value, kind, denominator share)."""
+    if "_mce" not in dir(loss):
+        raise TypeError("cosine_head_loss: `loss` must be a loss module of ltkernels.losses or ltkernels.reference "
+                        f"(one that computes through `_mce`), got {type(loss).__name__}")
+    had = "_mce" in loss.__dict__
+    old = loss.__dict__.get("_mce")
+    probe = _ReductionProbe(loss._mce)
+    object.__setattr__(loss, "_mce", probe)
+    try:
+        out = loss(cos, target) if noise is None else loss(cos, target, noise=noise)
+    finally:
+        if had:
+            object.__setattr__(loss, "_mce", old)
+        else:
+            object.__delattr__(loss, "_mce")
+    if probe.calls != 1:
+        raise TypeError(f"cosine_head_loss: {type(loss).__name__} called its cross-entropy {probe.calls} times per "
+                        "call; only single-call loss modules can be chunked")
+    return out, probe.kind, probe.denom
+
+
+def _weight_grad_buffer(w: Tensor) -> Tensor:
+    """Zeros shaped like the (D, C) weight view in its layout (contiguous or a transposed contiguous)."""
+    if not w.is_contiguous() and w.t().is_contiguous():
+        return torch.zeros((w.shape[1], w.shape[0]), dtype=w.dtype, device=w.device).t()
+    return torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+
+
+def _chunk_bounds(n: int, chunk: int):
+    return [(r0, min(n, r0 + chunk)) for r0 in range(0, n, chunk)]
+
+
+def _rng_state(device: torch.device, loss: nn.Module):
+    """Every random-number state a loss may draw from: the global CPU generator (the reference's
+    noise, the fused kernels' seeds), the device's, and the module's own ``generator`` if any."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    gen = getattr(loss, "generator", None)
+    return torch.get_rng_state(), cuda, (gen.get_state() if isinstance(gen, torch.Generator) else None)
+
+
+def _run_chunks(x, w, wn, target, noise, loss, chunk, eps, need_x, need_w, row_grad=None, rng=None):
+    """One pass over the row chunks.
+
+    Returns (sum or per-row losses, kind, denominator, x norms, rng states, gx, gw). When gradients are
+    wanted (need_x / need_w, and for per-row losses only with ``row_grad``), each chunk's logit gradient
+    G becomes *prescaled* GEMM accumulations ``gx rows = (G / |x_i| / |w_j|) W^T`` and
+    ``gw += x^T (G / |x_i| / |w_j|)``; the caller applies the tangent projections (and any scale).
+    ``rng``: per-chunk random-number states to replay (the recomputation of reduction 'none')."""
+    n = x.shape[0]
+    parts, denom, kind = [], None, None
+    gx = gw = None
+    xn_all = torch.empty(n, dtype=x.dtype, device=x.device)
+    states = []
+    cuda_devices = [x.device] if x.device.type == "cuda" else []
+    for k, (r0, r1) in enumerate(_chunk_bounds(n, chunk)):
+        xc = x[r0:r1]
+        xnc = torch.linalg.vector_norm(xc, dim=1)
+        xn_all[r0:r1] = xnc
+        cos = torch.mm(xc, w)
+        ops.cosine_scale_(cos, xnc, wn, eps)
+        tc = target[r0:r1]
+        nc = noise[r0:r1] if noise is not None else None
+        with torch.random.fork_rng(devices=cuda_devices, enabled=rng is not None):
+            if rng is None:
+                states.append(_rng_state(x.device, loss))
+            else:
+                torch.set_rng_state(rng[k][0])
+                if rng[k][1] is not None:
+                    torch.cuda.set_rng_state(rng[k][1], x.device)
+                if rng[k][2] is not None:
+                    loss.generator.set_state(rng[k][2])
+            track = need_x or need_w
+            with torch.set_grad_enabled(track):
+                cos.requires_grad_(track)
+                val, kind_c, den_c = _call_chunk(loss, cos, tc, nc)
+        if kind is not None and kind_c != kind:
+            raise RuntimeError("cosine_head_loss: the loss changed its reduction between chunks")
+        kind = kind_c
+        g = None
+        if track and (kind != "none" or row_grad is not None):
+            go = row_grad[r0:r1].to(val.dtype) if kind == "none" else None
+            (g,) = torch.autograd.grad(val, cos, grad_outputs=go)
+        val = val.detach()
+        del cos
+        if den_c is not None:
+            denom = den_c if denom is None else denom + den_c
+        parts.append(val)
+        if g is not None:
+            if not g.is_contiguous():
+                g = g.contiguous()
+            ops.cosine_scale_(g, xnc, wn, eps)  # G / |x_i| / |w_j|, in place (g is ours)
+            if need_x:
+                if gx is None:
+                    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+                torch.mm(g, w.t(), out=gx[r0:r1])
+            if need_w:
+                if gw is None:
+                    gw = _weight_grad_buffer(w)
+                if gw.is_contiguous():
+                    gw.addmm_(xc.t(), g)
+                else:  # (C, D) storage: accumulate G^T x into it
+                    gw.t().addmm_(g.t(), xc)
+            del g
+    if kind == "none":
+        total = torch.cat(parts)
+    else:
+        total = torch.stack(parts).sum()
+    return total, kind, denom, xn_all, states, gx, gw
+
+
+def _finish(total, kind, denom, n):
+    if kind == "mean":
+        return total / denom
+    if kind == "batch":
+        return total / n
+    return total
+
+
+class _HeadLossFn(torch.autograd.Function):
+    """Chunked head + loss. Scalar reductions: the gradients are accumulated during the forward (one pass,
+    no recomputation) and projected and scaled by grad_output in the backward, in place. Reduction
+    'none': the forward keeps only the losses and the random-number states of each chunk; the backward
+    replays the chunks with the per-row grad_output."""
+
+    @staticmethod
+    def forward(ctx, x, w, target, noise, loss, chunk, eps):
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        wn = torch.linalg.vector_norm(w, dim=0)
+        n = x.shape[0]
+        total, kind, denom, xn, states, gx, gw = _run_chunks(x, w, wn, target, noise, loss, chunk, eps, need_x,
+                                                             need_w)
+        ctx.kind, ctx.chunk, ctx.eps, ctx.loss, ctx.n = kind, chunk, eps, loss, n
+        ctx.done = False
+        if kind == "none":
+            ctx.states = states
+            ctx.save_for_backward(x, w, wn, target, noise)
+        else:
+            ctx.save_for_backward(x, w, wn, xn, gx, gw, denom)
+        return _finish(total, kind, denom, n)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.kind == "none":
+            x, w, wn, target, noise = ctx.saved_tensors
+            _, _, _, xn, _, gx, gw = _run_chunks(x, w, wn, target, noise, ctx.loss, ctx.chunk, ctx.eps, need_x,
+                                                 need_w, row_grad=grad_out, rng=ctx.states)
+            scale = None
+        else:
+            if ctx.done:
+                raise RuntimeError("cosine_head_loss: backward through the same chunked loss twice is not supported "
+                                   "(its gradients are finished in place); recompute the loss instead")
+            ctx.done = True
+            x, w, wn, xn, gx, gw, denom = ctx.saved_tensors
+            scale = grad_out.to(x.dtype)
+            if ctx.kind == "mean":
+                scale = scale / denom
+            elif ctx.kind == "batch":
+                scale = scale / ctx.n
+        if need_x:
+            ops.cosine_tangent_(gx, x, xn, ctx.eps, 1, True, scale)
+        if need_w:
+            ops.cosine_tangent_(gw, w, wn, ctx.eps, 0, True, scale)
+        return gx, gw, None, None, None, None, None
+
+
+def cosine_head_loss(features: Tensor, weight: Tensor, target: Tensor, loss: nn.Module, *,
+                     noise: Optional[Tensor] = None, chunk_size: Optional[int] = None, layout: str = "in_out",
+                     eps: float = EPS) -> Tensor:
+    """``loss(cosine_logits(features, weight), target)`` without materialising the (N, C) logits.
+
+    The batch is processed in chunks of ``chunk_size`` rows (default: about 8M logits per chunk): per
+    chunk, the cosines (one GEMM + fused scaling), the loss and its logit gradient (through the loss
+    module's own kernel, e.g. ``ltkernels.functional.margin_cross_entropy``), and two GEMMs accumulating
+    the feature and weight gradients. Only one chunk of logits (and the loss's per-chunk buffers) exists at
+    a time; the tangent projections are applied once at the end.
+
+    Args:
+        features: (N, D); weight: (D, C) (``layout="in_out"``) or (C, D) (``"out_in"``).
+        target: (N,) class indices.
+        loss: a loss module of :mod:`ltkernels.losses` or :mod:`ltkernels.reference` taking cosine input
+            (LDAMLoss, KPSLoss, CosFaceLoss, GCLLoss, GCLAngLoss, ArcFaceLoss, CrossEntropyLoss, ...). Its
+            reduction is honoured globally: a (weighted) mean divides the sum over all chunks by the
+            global denominator (sum of the class weights of the non-ignored targets), 'batch_mean' and the
+            focal mean by N, 'none' returns the (N,) per-row losses.
+        noise: (N, C) raw GCL / GCLAng noise to inject (sliced per chunk); None lets the loss draw its own,
+            a fresh draw per chunk, which is the same distribution as one draw for the whole batch.
+
+    Returns:
+        The loss (0-d, or (N,) for reduction 'none'), differentiable w.r.t. features and weight.
+
+    Not traceable by ``torch.compile`` (the chunk loop runs the loss's autograd inside the forward).
+    Backward may run once (use ``retain_graph`` with the unchunked path if you need more).
+    """
+    x, w = _prepare(features, weight, layout, eps, "cosine_head_loss")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"cosine_head_loss: target must be a tensor, got {type(target).__name__}")
+    if target.dim() != 1 or target.shape[0] != x.shape[0]:
+        raise ValueError(f"cosine_head_loss: target must have shape ({x.shape[0]},), got {tuple(target.shape)}")
+    if target.device != x.device:
+        raise ValueError(f"cosine_head_loss: target is on {target.device} but features are on {x.device}")
+    n, c = x.shape[0], w.shape[1]
+    if noise is not None:
+        if not isinstance(noise, Tensor) or tuple(noise.shape) != (n, c):
+            raise ValueError(f"cosine_head_loss: noise must be an ({n}, {c}) tensor, got "
+                             f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}")
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // max(c, 1))
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"cosine_head_loss: chunk_size must be a positive int, got {chunk_size!r}")
+    if n == 0:  # nothing to chunk; the loss defines the empty reduction (e.g. NaN mean)
+        return loss(cosine_logits(x, w, eps=eps), target) if noise is None else \
+            loss(cosine_logits(x, w, eps=eps), target, noise=noise)
+    if not x.is_contiguous() and not x.t().is_contiguous():
+        x = x.contiguous()
+    if not w.is_contiguous() and not w.t().is_contiguous():
+        w = w.contiguous()
+    chunk = min(int(chunk_size), n)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return _HeadLossFn.apply(x, w, target, noise, loss, chunk, float(eps))
+    with torch.no_grad():
+        total, kind, denom, _, _, _, _ = _run_chunks(x, w, torch.linalg.vector_norm(w, dim=0), target, noise,
+                                                     loss, chunk, float(eps), False, False)
+    return _finish(total, kind, denom, n)
