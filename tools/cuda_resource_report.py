@@ -68,13 +68,26 @@ def include_flags() -> list[str]:
     return flags + common + abi
 
 
+def cxx_std() -> str:
+    """The -std of the extension's nvcc flags in setup.py (so that the gate compiles like the build)."""
+    try:
+        with open(os.path.join(ROOT, "setup.py")) as f:
+            m = re.search(r'extra\["nvcc"\]\s*=\s*\[([^\]]*)', f.read())
+        mm = re.search(r"-std=(c\+\+\d+)", m.group(1)) if m else None
+        if mm:
+            return "-std=" + mm.group(1)
+    except OSError:
+        pass
+    return "-std=c++20"
+
+
 def nvcc_flags(archs: list[str]) -> list[str]:
     gencode = []
     for a in archs:
         sm = a.replace(".", "")
         gencode += ["-gencode", f"arch=compute_{sm},code=sm_{sm}"]
     # the extension's flags (setup.py) + the extension macros
-    return ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas", "-v",
+    return [cxx_std(), "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas", "-v",
             "-Xcudafe", "--diag_suppress=177", "-DLTK_WITH_CUDA=1", "-DTORCH_API_INCLUDE_EXTENSION_H",
             "-DTORCH_EXTENSION_NAME=_C", *gencode]
 

@@ -33,7 +33,7 @@ JOBS = max(1, int(os.environ.get("LTK_EMU_JOBS", "2")))
 
 _TORCH_INC = os.path.join(os.path.dirname(torch.__file__), "include")
 CXXFLAGS = [
-    "-std=c++17", "-O1", "-g0", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing",
+    "-std=c++20", "-O1", "-g0", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing",
     "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type",
     # probe every stack page, so that an overflowing emulated thread hits its guard page
     "-fstack-clash-protection",
