@@ -63,3 +63,21 @@ def test_bad_arch_and_head_name_allowed_values():
         make_backbone("resnet18")
     with pytest.raises(ValueError, match="model.head.*allowed values"):
         build_model({"arch": "digits_cnn", "head": "mlp"}, 10)
+
+
+def test_fused_cosine_head_matches_eager():
+    from ltkernels.models import fused_normed_linear_cls
+    cls = fused_normed_linear_cls()
+    if cls is None:
+        pytest.skip("no fused NormedLinear importable")
+    torch.manual_seed(0)
+    eager = build_model({"arch": "digits_cnn", "head": "cosine", "width": 4}, 10)
+    fused = build_model({"arch": "digits_cnn", "head": "cosine", "width": 4, "cosine_impl": "fused"}, 10)
+    assert isinstance(fused.head, cls)
+    fused.load_state_dict(eager.state_dict())   # same (in, out) layout: checkpoints interchange
+    x = torch.randn(6, 1, 8, 8)
+    eager.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-6)
+    g1 = torch.autograd.grad(eager(x).sum(), eager.head.weight)[0]
+    g2 = torch.autograd.grad(fused(x).sum(), fused.head.weight)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ class NormedLinear(nn.Module):
 
 def fused_normed_linear_cls():
     """The fused NormedLinear class when the extension provides one, else None."""
-    for mod in ("ltkernels.nn", "ltkernels.losses"):
+    for mod in ("ltkernels.cosine", "ltkernels.nn", "ltkernels.losses"):
         try:
             m = __import__(mod, fromlist=["NormedLinear"])
             cls = getattr(m, "NormedLinear", None)
