@@ -1,0 +1,228 @@
+"""Benchmarks: the fused cosine head (ltkernels.cosine) and head + loss without the full logit matrix.
+
+Shapes (N, D, C): the issue's (128, 64, 100), (256, 2048, 1000), (512, 2048, 8142), and
+(1024, 512, 100000) for head + loss. They follow ``--bench-sizes`` (bench/conftest.py): each NxC there
+gets the D of the issue's shape with that C (64 otherwise), so ``std`` gives the first three and
+``smoke`` tiny ones. ``LTK_BENCH_HEAD_SHAPES="NxDxC,..."`` overrides the list; the large
+(1024, 512, 100000) head + loss case is added to ``std`` runs unless ``LTK_BENCH_HEAD_LARGE=0``.
+float32 only (the op computes half inputs in float32); forward+backward, grads reset each step.
+
+* ``test_head``  impl ``gemms`` (the head's three GEMMs alone: x W, G W^T, x^T G, via torch.mm),
+  ``fused`` (cosine_logits), ``eager`` (F.normalize + mm), ``compiled`` (torch.compile of eager).
+  For ``fused`` the ratio to ``gemms`` is also measured interleaved (alternating rounds, min of each,
+  robust to load drift on a shared machine) and recorded as ``extra_info["vs_3_gemms"]`` (target <= 1.15).
+* ``test_head_loss``  case ``head+GCL`` (CIFAR stage 1: m=0, s=30, noise_mul=0.5; eager draws its noise
+  like the official code, fused in-kernel) and ``head+LDAM`` (DRW class-balanced weights), impl
+  ``chunked`` (cosine_head_loss), ``fused`` (fused head, then fused loss on the full logits), ``eager``,
+  ``compiled``; time and the peak extra memory of one step (``peak_mem_bytes``, bench/conftest.py's
+  profiler method). Target at (1024, 512, 100000): chunked peak <= eager peak / 4.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ltkernels.losses as fused_losses
+import ltkernels.reference as ref_losses
+from ltkernels.cosine import cosine_head_loss, cosine_logits
+from ltkernels.priors import class_balanced_weights
+
+SUITE = "cosine_head"
+D_FOR_C = {100: 64, 1000: 2048, 8142: 2048, 100000: 512}
+LARGE = (1024, 512, 100000)
+IMBALANCE = 100.0
+
+
+def _parse_shapes(text: str):
+    out = []
+    for part in text.replace(";", ",").split(","):
+        part = part.strip().lower()
+        if part:
+            n, d, c = (int(v) for v in part.split("x"))
+            out.append((n, d, c))
+    return out
+
+
+def head_shapes(config):
+    env = os.environ.get("LTK_BENCH_HEAD_SHAPES")
+    if env:
+        return _parse_shapes(env)
+    return [(n, D_FOR_C.get(c, 64), c) for n, c in config.ltk_bench.sizes]
+
+
+def loss_shapes(config):
+    shapes = head_shapes(config)
+    std = all(c in D_FOR_C for _, _, c in shapes) and len(shapes) >= 3
+    if not os.environ.get("LTK_BENCH_HEAD_SHAPES") and std and os.environ.get("LTK_BENCH_HEAD_LARGE", "1") != "0" \
+            and LARGE not in shapes:
+        shapes = shapes + [LARGE]
+    return shapes
+
+
+def _sid(s):
+    return "x".join(str(v) for v in s)
+
+
+def pytest_generate_tests(metafunc):
+    ns = metafunc.config.ltk_bench
+    names = metafunc.fixturenames
+    if "head_shape" in names:
+        shapes = loss_shapes(metafunc.config) if metafunc.function.__name__ == "test_head_loss" else \
+            head_shapes(metafunc.config)
+        metafunc.parametrize("head_shape", shapes, ids=[_sid(s) for s in shapes])
+    if "head_impl" in names:
+        metafunc.parametrize("head_impl", ["gemms", "fused", "eager"] + (["compiled"] if ns.compile else []))
+    if "loss_impl" in names:
+        metafunc.parametrize("loss_impl", ["chunked", "fused", "eager"] + (["compiled"] if ns.compile else []))
+    if "loss_case" in names:
+        metafunc.parametrize("loss_case", ["head+GCL", "head+LDAM"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_dynamo():
+    torch._logging.set_logs(dynamo=logging.ERROR, inductor=logging.ERROR)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _fp32_only(bench_options):
+    if "fp32" not in bench_options.dtypes:
+        pytest.skip("the cosine head suite runs in fp32 (half inputs are computed in fp32)")
+
+
+def class_counts(C: int):
+    if C == 1:
+        return [1000]
+    return [max(1, int(1000 * IMBALANCE ** (-j / (C - 1)))) for j in range(C)]
+
+
+def make_inputs(N, D, C, seed=0):
+    g = torch.Generator().manual_seed(seed + N * 7 + D * 13 + C)
+    x = torch.randn(N, D, generator=g)
+    w = torch.empty(D, C).uniform_(-1, 1, generator=g).renorm_(2, 1, 1e-5).mul_(1e5)  # official init
+    t = torch.randint(0, C, (N,), generator=g)
+    gout = torch.randn(N, C, generator=g)
+    return x, w, t, gout
+
+
+def _flops(N, D, C):
+    return 6.0 * N * D * C  # forward GEMM + two backward GEMMs
+
+
+def _run_benchmark(benchmark, step, N, D, C):
+    """pytest-benchmark's own calibration for normal shapes; a fixed small number of rounds when one
+    step is tens of GFLOP (the 100k-class case) so that the suite stays runnable on 2 cores."""
+    if _flops(N, D, C) >= 1e11:
+        benchmark.pedantic(step, rounds=2, iterations=1, warmup_rounds=0)
+    else:
+        benchmark(step)
+
+
+def interleaved_ratio(step_a, step_b, rounds: int) -> float:
+    """min(time of step_a) / min(time of step_b) over alternating rounds."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        step_a()
+        t1 = time.perf_counter()
+        step_b()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return min(ta) / min(tb)
+
+
+def _eager_head(x, w):
+    return F.normalize(x, dim=1) @ F.normalize(w, dim=0)
+
+
+def test_head(benchmark, record_case, peak_memory, bench_options, head_shape, head_impl):
+    N, D, C = head_shape
+    x, w, _, gout = make_inputs(N, D, C)
+
+    def gemms():
+        torch.mm(x, w)
+        torch.mm(gout, w.t())
+        torch.mm(x.t(), gout)
+
+    xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    if head_impl == "gemms":
+        step = gemms
+    else:
+        if head_impl == "fused":
+            fn = cosine_logits
+        elif head_impl == "eager":
+            fn = _eager_head
+        else:
+            torch._dynamo.reset()
+            fn = torch.compile(_eager_head, backend=bench_options.compile_backend, dynamic=False)
+
+        def step():
+            xl.grad = wl.grad = None
+            fn(xl, wl).backward(gout)
+
+    for _ in range(3 if head_impl == "compiled" else 2):
+        step()
+    extra = {}
+    if not benchmark.disabled and head_impl != "gemms":
+        extra["peak_mem_bytes"] = peak_memory(step)
+    if head_impl in ("fused", "eager") and not benchmark.disabled:
+        per_round = _flops(N, D, C) / 50e9 * 2.2  # rough seconds per (head + gemms) pair on this machine
+        rounds = int(max(3, min(30, 6.0 / max(per_round, 1e-4))))
+        extra["vs_3_gemms"] = round(interleaved_ratio(step, gemms, rounds), 4)
+        extra["ratio_rounds"] = rounds
+    record_case(suite=SUITE, case="head", shape=head_shape, dtype="fp32", mode="fwd+bwd", impl=head_impl,
+                threads=torch.get_num_threads(), **extra)
+    _run_benchmark(benchmark, step, N, D, C)
+
+
+def _loss_module(case: str, C: int, impl: str):
+    counts = class_counts(C)
+    mod = fused_losses if impl in ("chunked", "fused") else ref_losses
+    if case == "head+GCL":
+        return mod.GCLLoss(counts, m=0.0, s=30, noise_mul=0.5)
+    return mod.LDAMLoss(counts, max_m=0.5, s=30, weight=class_balanced_weights(counts, 0.9999).float())
+
+
+def test_head_loss(benchmark, record_case, peak_memory, bench_options, head_shape, loss_case, loss_impl):
+    N, D, C = head_shape
+    if loss_impl == "compiled" and head_shape == LARGE:
+        pytest.skip("torch.compile at the 100k-class shape: minutes of compilation on 2 cores")
+    x, w, t, _ = make_inputs(N, D, C)
+    xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = _loss_module(loss_case, C, loss_impl)
+    if loss_impl == "chunked":
+        def run():
+            cosine_head_loss(xl, wl, t, loss).backward()
+    elif loss_impl == "fused":
+        def run():
+            loss(cosine_logits(xl, wl), t).backward()
+    else:
+        def eager(a, b, tt):
+            return loss(_eager_head(a, b), tt)
+
+        if loss_impl == "compiled":
+            torch._dynamo.reset()
+            eager = torch.compile(eager, backend=bench_options.compile_backend, dynamic=False)
+
+        def run():
+            eager(xl, wl, t).backward()
+
+    def step():
+        xl.grad = wl.grad = None
+        run()
+
+    for _ in range(3 if loss_impl == "compiled" else (1 if head_shape == LARGE else 2)):
+        step()
+    mem = None
+    if not benchmark.disabled:
+        xl.grad = wl.grad = None
+        mem = peak_memory(run)
+    record_case(suite=SUITE, case=loss_case, shape=head_shape, dtype="fp32", mode="fwd+bwd", impl=loss_impl,
+                peak_mem_bytes=mem, nc_bytes=N * C * 4, threads=torch.get_num_threads())
+    _run_benchmark(benchmark, step, N, D, C)
