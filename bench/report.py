@@ -1,0 +1,416 @@
+"""Run the benchmark suites and write bench/results/results.md (Markdown tables) and results.png.
+
+    python -m bench.report                      # full run: every suite in bench/, std sizes, fp32+bf16,
+                                                # fused vs eager vs torch.compile(reference)
+    python -m bench.report --no-compile         # skip the torch.compile cases (inductor is slow on 2 cores)
+    python -m bench.report --sizes 512x8142 -k "LDAM or GCL"
+    python -m bench.report --json bench/results/raw/bench-*.json   # only re-render saved results
+
+The run is ``python -m pytest bench --benchmark-json=bench/results/raw/bench-<stamp>.json ...`` (so
+suites written by others, e.g. bench/bench_cosine_head.py, are included); the tables are built from
+that JSON. Benchmarks that follow the ``extra_info`` convention of bench/conftest.py (``suite``,
+``case``, ``shape``, ``dtype``, ``mode``, ``impl``) are pivoted by impl; any other benchmark is listed
+as is. Times are the per-step median (``--stat``) of pytest-benchmark's rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+RAW = RESULTS / "raw"
+README_START = "<!-- bench-table:start -->"
+README_END = "<!-- bench-table:end -->"
+
+# Performance targets (docs/design.md "Performance targets", issues 2 and 3): fp32 forward+backward.
+# (case, shape) -> (min speedup vs eager, min speedup vs compiled or None)
+TARGET_CASES = ("LDAM", "KPS", "GCL", "LA", "FBL", "ArcFace")
+TARGETS = {}
+for _c in TARGET_CASES:
+    TARGETS[(_c, "512x8142")] = (10.0, 10.0)
+    TARGETS[(_c, "256x1000")] = (5.0, 5.0)
+TARGETS[("CE", "512x8142")] = (3.0, None)
+TARGETS[("CE", "128x100")] = (1.0, None)
+
+IMPL_ORDER = ["fused", "eager", "compiled"]
+MODE_ORDER = ["fwd+bwd", "fwd"]
+DTYPE_ORDER = ["fp32", "bf16", "fp16", "fp64"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+
+def run_suites(args) -> tuple[Path, float, int]:
+    RAW.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = RAW / f"bench-{stamp}.json"
+    cmd = [sys.executable, "-m", "pytest", str(BENCH.relative_to(ROOT)), "-q", "-p", "no:cacheprovider",
+           f"--benchmark-json={out}", f"--benchmark-max-time={args.max_time}",
+           f"--benchmark-min-rounds={args.min_rounds}", "--benchmark-quiet",
+           f"--bench-sizes={args.sizes}", f"--bench-dtypes={args.dtypes}",
+           "--bench-compile" if args.compile else "--bench-no-compile"]
+    if args.k:
+        cmd += ["-k", args.k]
+    if not args.agree:
+        cmd += ["--benchmark-only"]
+    cmd += args.pytest_args
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.time()
+    rc = subprocess.call(cmd, cwd=ROOT)
+    wall = time.time() - t0
+    print(f"benchmark run: {wall / 60:.1f} min, pytest exit code {rc}", flush=True)
+    return out, wall, rc
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and pivoting
+# ----------------------------------------------------------------------------------------------
+
+def load(paths: list[Path]) -> tuple[list[dict], dict]:
+    benches: "OrderedDict[str, dict]" = OrderedDict()
+    machine: dict = {}
+    for p in paths:
+        with open(p) as fh:
+            data = json.load(fh)
+        machine = data.get("machine_info", {}) or machine
+        machine = dict(machine, _commit=data.get("commit_info", {}), _datetime=data.get("datetime"))
+        for b in data.get("benchmarks", []):
+            benches[b.get("fullname") or b["name"]] = b  # later files win
+    return list(benches.values()), machine
+
+
+def _shape_key(shape: str):
+    try:
+        n, c = shape.split("x")
+        return (int(n) * int(c), int(n))
+    except ValueError:
+        return (math.inf, shape)
+
+
+def _order(value, order):
+    return order.index(value) if value in order else len(order)
+
+
+def pivot(benches: list[dict], stat: str):
+    """-> {suite: {(case, shape, dtype, mode): {impl: {"t": s, "mem": bytes, "nc": bytes}}}}, others."""
+    suites: dict = defaultdict(lambda: defaultdict(dict))
+    others = []
+    case_order: dict = defaultdict(list)
+    for b in benches:
+        ei = b.get("extra_info") or {}
+        if not all(k in ei for k in ("case", "shape", "dtype", "mode", "impl")):
+            others.append(b)
+            continue
+        suite = ei.get("suite") or Path(b.get("fullname", "").split("::")[0]).stem
+        key = (ei["case"], ei["shape"], ei["dtype"], ei["mode"])
+        suites[suite][key][ei["impl"]] = {"t": b["stats"][stat], "mem": ei.get("peak_mem_bytes"),
+                                          "nc": ei.get("nc_bytes"), "rounds": b["stats"].get("rounds")}
+        if ei["case"] not in case_order[suite]:
+            case_order[suite].append(ei["case"])
+    return suites, others, case_order
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------------------------
+
+def fmt_ms(t):
+    if t is None:
+        return "—"
+    ms = t * 1e3
+    return f"{ms:.3f}" if ms < 1 else (f"{ms:.2f}" if ms < 100 else f"{ms:.0f}")
+
+
+def fmt_x(r):
+    if r is None:
+        return "—"
+    return f"{r:.1f}×" if r < 100 else f"{r:.0f}×"
+
+
+def fmt_mem(m, nc):
+    if m is None:
+        return "—"
+    mib = m / 2**20
+    s = f"{mib:.2f}" if mib < 10 else f"{mib:.1f}"
+    if nc:
+        s += f" ({m / nc:.1f})"
+    return s
+
+
+def _ratio(a, b):
+    if a is None or b is None or a <= 0:
+        return None
+    return b / a
+
+
+def target_cell(case, shape, dtype, mode, r_eager, r_comp):
+    tgt = TARGETS.get((case, shape))
+    if tgt is None or dtype != "fp32" or mode != "fwd+bwd":
+        return ""
+    te, tc = tgt
+    ok = r_eager is not None and r_eager >= te
+    parts = [f"≥{te:g}× eager {'✓' if ok else '✗'}"]
+    if tc is not None:
+        okc = r_comp is not None and r_comp >= tc
+        parts.append(f"≥{tc:g}× compiled {'✓' if okc else ('✗' if r_comp is not None else '(not run)')}")
+    return ", ".join(parts)
+
+
+def loss_tables(rows: dict, case_order: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Markdown sections for the fused/eager/compiled suite; also the target rows."""
+    lines: list[str] = []
+    target_rows: list[list[str]] = []
+    keys = sorted(rows, key=lambda k: (_order(k[3], MODE_ORDER), _order(k[2], DTYPE_ORDER), _shape_key(k[1]),
+                                       _order(k[0], case_order)))
+    header = ("| case | shape | dtype | fused ms | eager ms | compiled ms | fused vs eager | "
+              "fused vs compiled | peak MiB fused | peak MiB eager | peak MiB compiled | target |")
+    sep = "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+    section = None
+    for k in keys:
+        case, shape, dtype, mode = k
+        if (mode, dtype) != section:
+            section = (mode, dtype)
+            title = "forward + backward" if mode == "fwd+bwd" else ("forward only" if mode == "fwd" else mode)
+            lines += ["", f"### {title}, {dtype}", "", header, sep]
+        d = rows[k]
+        tf, te, tc = (d.get(i, {}).get("t") for i in IMPL_ORDER)
+        r_e, r_c = _ratio(tf, te), _ratio(tf, tc)
+        tgt = target_cell(case, shape, dtype, mode, r_e, r_c)
+        mems = [fmt_mem(d.get(i, {}).get("mem"), d.get(i, {}).get("nc")) for i in IMPL_ORDER]
+        row = [case, shape, dtype, fmt_ms(tf), fmt_ms(te), fmt_ms(tc), fmt_x(r_e), fmt_x(r_c), *mems, tgt]
+        lines.append("| " + " | ".join(row) + " |")
+        if tgt:
+            target_rows.append([case, shape, fmt_ms(tf), fmt_ms(te), fmt_ms(tc), fmt_x(r_e), fmt_x(r_c), tgt])
+    return lines, target_rows
+
+
+def generic_suite_table(name: str, rows: dict, case_order: list[str]) -> list[str]:
+    impls: list[str] = []
+    for d in rows.values():
+        for i in d:
+            if i not in impls:
+                impls.append(i)
+    impls.sort(key=lambda i: _order(i, IMPL_ORDER))
+    base = "fused" if "fused" in impls else impls[0]
+    others = [i for i in impls if i != base]
+    head = (["case", "shape", "dtype", "mode"] + [f"{i} ms" for i in impls]
+            + [f"{i} / {base}" for i in others] + [f"peak MiB {i}" for i in impls])
+    lines = ["", f"### suite `{name}`", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * 4 + "--:|" * (len(head) - 4)]
+    keys = sorted(rows, key=lambda k: (_order(k[3], MODE_ORDER), _order(k[2], DTYPE_ORDER), _shape_key(k[1]),
+                                       _order(k[0], case_order)))
+    for k in keys:
+        d = rows[k]
+        t = {i: d.get(i, {}).get("t") for i in impls}
+        cells = list(k) + [fmt_ms(t[i]) for i in impls]
+        cells += [fmt_x(_ratio(t[base], t[i])) for i in others]
+        cells += [fmt_mem(d.get(i, {}).get("mem"), d.get(i, {}).get("nc")) for i in impls]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def other_table(benches: list[dict], stat: str) -> list[str]:
+    lines = ["", "### other benchmarks", "", "| benchmark | group | min ms | median ms | rounds |",
+             "|---|---|--:|--:|--:|"]
+    for b in sorted(benches, key=lambda b: (b.get("group") or "", b["name"])):
+        s = b["stats"]
+        lines.append(f"| {b['name']} | {b.get('group') or ''} | {fmt_ms(s['min'])} | {fmt_ms(s['median'])} | "
+                     f"{s.get('rounds', '')} |")
+    return lines
+
+
+def machine_lines(machine: dict, wall: float | None) -> list[str]:
+    lt = machine.get("ltkernels", {})
+    cpu = lt.get("cpu_model") or (machine.get("cpu") or {}).get("brand_raw") or machine.get("processor", "?")
+    commit = machine.get("_commit", {}) or {}
+    la0, la1 = lt.get("loadavg_start"), lt.get("loadavg_end")
+    out = [f"- CPU: {cpu}, {lt.get('cpu_count', machine.get('cpu', {}).get('count', '?'))} cores "
+           f"(torch threads: {lt.get('torch_threads', '?')}), `torch.ops.ltkernels.cpu_isa()` = "
+           f"`{lt.get('cpu_isa', '?')}`",
+           f"- torch {lt.get('torch', '?')}, Python {lt.get('python', machine.get('python_version', '?'))}, "
+           f"{machine.get('system', '')} {machine.get('release', '')}".rstrip(),
+           f"- commit {commit.get('id', '?')[:12]}{' (uncommitted changes)' if commit.get('dirty') else ''}, "
+           f"run finished {machine.get('_datetime', '?')}"]
+    if la0 or la1:
+        f = lambda la: "/".join(f"{v:.2f}" for v in la) if la else "?"  # noqa: E731
+        out.append(f"- load average (1/5/15 min) at start {f(la0)}, at end {f(la1)} "
+                   "(the cores are shared: a load above the core count means other jobs were running)")
+    w = wall if wall is not None else lt.get("wall_s")
+    if w:
+        out.append(f"- pytest run wall time: {w / 60:.1f} min "
+                   f"(sizes {','.join(lt.get('sizes', [])) or '?'}, dtypes {','.join(lt.get('dtypes', [])) or '?'}, "
+                   f"compile {'on (' + str(lt.get('compile_backend')) + ')' if lt.get('compile') else 'off'})")
+    return out
+
+
+def render_markdown(benches, machine, stat, wall=None, png_name="results.png"):
+    suites, others, case_order = pivot(benches, stat)
+    lines = ["# ltkernels benchmark results", "",
+             "Generated by `python -m bench.report` (bench/README.md). Times: per-step "
+             f"{stat} over pytest-benchmark rounds, in ms. Speedup = other impl's time / fused time. "
+             "Peak MiB: peak extra memory of one step (torch.profiler allocation events), "
+             "in parentheses the same in units of one N×C buffer of the input dtype.", ""]
+    lines += machine_lines(machine, wall)
+    target_rows: list = []
+    body: list[str] = []
+    for suite in sorted(suites, key=lambda s: (s != "losses", s)):
+        rows = suites[suite]
+        impls = {i for d in rows.values() for i in d}
+        if impls <= set(IMPL_ORDER) and "fused" in impls:
+            if suite != "losses":
+                body += ["", f"## suite `{suite}`"]
+            sec, trg = loss_tables(rows, case_order[suite])
+            body += sec
+            target_rows += trg
+        else:
+            body += generic_suite_table(suite, rows, case_order[suite])
+    if others:
+        body += other_table(others, stat)
+    if target_rows:
+        lines += ["", "## Performance targets (fp32, forward + backward)", "",
+                  "| case | shape | fused ms | eager ms | compiled ms | fused vs eager | fused vs compiled | target |",
+                  "|---|---|--:|--:|--:|--:|--:|---|"]
+        lines += ["| " + " | ".join(r) + " |" for r in target_rows]
+    lines += ["", f"![speedups]({png_name})", "", "## All cases"] + body
+    return "\n".join(lines) + "\n", suites, target_rows
+
+
+def plot(suites, path: Path, case_order) -> bool:
+    rows = suites.get("losses")
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODE_ORDER if any(k[3] == m for k in rows)]
+    dtypes = [d for d in DTYPE_ORDER if any(k[2] == d for k in rows)]
+    shapes = sorted({k[1] for k in rows}, key=_shape_key)
+    cases = [c for c in case_order["losses"]]
+    against = [i for i in ("eager", "compiled") if any(i in d for d in rows.values())]
+    panels = [(m, a) for m in modes for a in against]
+    fig, axes = plt.subplots(len(panels), len(dtypes), figsize=(7.5 * len(dtypes), 3.6 * len(panels)),
+                             squeeze=False)
+    width = 0.8 / max(1, len(shapes))
+    colors = plt.get_cmap("viridis")([0.15 + 0.7 * i / max(1, len(shapes) - 1) for i in range(len(shapes))])
+    for r, (mode, other) in enumerate(panels):
+        for c, dtype in enumerate(dtypes):
+            ax = axes[r][c]
+            lo = 1.0
+            for si, shape in enumerate(shapes):
+                vals = []
+                for case in cases:
+                    d = rows.get((case, shape, dtype, mode), {})
+                    ratio = _ratio(d.get("fused", {}).get("t"), d.get(other, {}).get("t"))
+                    vals.append(ratio if ratio is not None else float("nan"))
+                xs = [i + (si - (len(shapes) - 1) / 2) * width for i in range(len(cases))]
+                ax.bar(xs, vals, width, label=shape, color=colors[si])
+                for xv, v in zip(xs, vals):
+                    if v == v:  # not NaN
+                        ax.text(xv, v, f"{v:.1f}" if v < 10 else f"{v:.0f}", ha="center", va="bottom",
+                                fontsize=5.5, rotation=90)
+                finite = [v for v in vals if v == v and v > 0]
+                lo = min([lo] + finite)
+            ax.axhline(1.0, color="black", lw=0.8)
+            if mode == "fwd+bwd" and dtype == "fp32":
+                ax.axhline(10.0, color="tab:red", lw=0.8, ls="--", label="10× target (512×8142)")
+                ax.axhline(5.0, color="tab:orange", lw=0.8, ls=":", label="5× target (256×1000)")
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=min(0.5, lo / 1.5))
+            ax.set_xticks(range(len(cases)))
+            ax.set_xticklabels(cases, rotation=35, ha="right", fontsize=8)
+            ax.set_ylabel(f"speedup vs {other}")
+            ax.set_title(f"fused vs {other}: {'forward+backward' if mode == 'fwd+bwd' else 'forward'}, {dtype}",
+                         fontsize=10)
+            ax.grid(axis="y", which="both", alpha=0.3)
+            if r == 0 and c == 0:
+                ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def update_readme(readme: Path, target_rows, md_rel: str) -> bool:
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        print(f"{readme}: no {README_START} ... {README_END} markers; not updated")
+        return False
+    block = [README_START, "", f"Targets, fp32 forward+backward on this machine (full table: [{md_rel}]({md_rel})):",
+             "", "| case | shape | fused ms | eager ms | compiled ms | fused vs eager | fused vs compiled | target |",
+             "|---|---|--:|--:|--:|--:|--:|---|"]
+    block += ["| " + " | ".join(r) + " |" for r in target_rows]
+    block += ["", README_END]
+    a, rest = text.split(README_START, 1)
+    _, b = rest.split(README_END, 1)
+    readme.write_text(a + "\n".join(block) + b)
+    print(f"updated {readme}")
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", nargs="+", type=Path, help="render these pytest-benchmark JSON files; do not run")
+    ap.add_argument("--sizes", default=os.environ.get("LTK_BENCH_SIZES", "std"), help="std | smoke | NxC,...")
+    ap.add_argument("--dtypes", default=os.environ.get("LTK_BENCH_DTYPES", "fp32,bf16"))
+    ap.add_argument("--compile", dest="compile", action="store_true", default=True,
+                    help="include torch.compile(reference) (default)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile cases")
+    ap.add_argument("-k", default=None, help="pytest -k expression to select cases")
+    ap.add_argument("--max-time", type=float, default=0.4, help="pytest-benchmark max time per case (s)")
+    ap.add_argument("--min-rounds", type=int, default=7, help="pytest-benchmark min rounds per case")
+    ap.add_argument("--no-agree", dest="agree", action="store_false",
+                    help="skip the fused-vs-eager agreement tests (--benchmark-only)")
+    ap.add_argument("--stat", default="median", choices=["min", "median", "mean"])
+    ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (results.md, results.png)")
+    ap.add_argument("--update-readme", nargs="?", const=ROOT / "README.md", type=Path, default=None,
+                    help=f"rewrite the block between {README_START} and {README_END} in README.md")
+    ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = ap.parse_args(argv)
+
+    rc = 0
+    wall = None
+    if args.json:
+        paths = []
+        for p in args.json:
+            paths += [Path(x) for x in sorted(glob.glob(str(p)))] or [p]
+    else:
+        out, wall, rc = run_suites(args)
+        if not out.exists():
+            print(f"no benchmark JSON written ({out}); pytest exit code {rc}", file=sys.stderr)
+            return rc or 1
+        paths = [out]
+    benches, machine = load(paths)
+    md, suites, target_rows = render_markdown(benches, machine, args.stat, wall)
+    args.out.mkdir(parents=True, exist_ok=True)
+    md_path = args.out / "results.md"
+    md_path.write_text(md)
+    _, _, case_order = pivot(benches, args.stat)
+    png = args.out / "results.png"
+    plotted = plot(suites, png, case_order)
+    print(md)
+    print(f"wrote {md_path}" + (f" and {png}" if plotted else ""))
+    if args.update_readme:
+        try:
+            rel = os.path.relpath(md_path, args.update_readme.parent)
+        except ValueError:
+            rel = str(md_path)
+        update_readme(args.update_readme, target_rows, rel)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
