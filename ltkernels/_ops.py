@@ -48,12 +48,9 @@ def _margin_ce_backward(ctx, grad_loss, _grad_grad, _grad_gshift):
     if grad.dim() != 2:
         raise RuntimeError("margin_ce: backward needs compute_grad=True in the forward call "
                            "(use ltkernels.functional, which sets it when an input requires grad)")
-    if ctx.reduction == REDUCTIONS["none"]:
-        g_in = grad * grad_loss.unsqueeze(1).to(grad.dtype)
-        g_shift = gshift * grad_loss.to(gshift.dtype) if ctx.has_shift else None
-    else:
-        g_in = grad * grad_loss.to(grad.dtype)
-        g_shift = gshift * grad_loss.to(gshift.dtype) if ctx.has_shift else None
+    go = grad_loss.unsqueeze(1) if ctx.reduction == REDUCTIONS["none"] else grad_loss
+    g_in = grad * go.to(grad.dtype)
+    g_shift = gshift * grad_loss.to(gshift.dtype) if ctx.has_shift else None
     return (g_in, None, None, None, None, None, None, g_shift) + (None,) * 15
 
 
