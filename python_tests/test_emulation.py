@@ -132,15 +132,16 @@ def test_votes(L, threads):
 
 
 # ---- seeded mutants: the same kernels, broken, must fail ---------------------------------------------------
+@pytest.mark.parametrize("schedule", ["random", "uniform", "warps"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_mutant_missing_syncthreads_fails(L, seed):
+def test_mutant_missing_syncthreads_fails(L, seed, schedule):
     """row_sum with the __syncthreads between the per-warp shared-memory writes and the final warp's
     reads removed (toy_mutant_sync.cpp): under the seeded random schedule the final warp reads slots that
     other warps have not written yet (poisoned: NaN), so the result is wrong. The correct kernel passes
     with the same seed."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4, 1000, generator=g, dtype=torch.float64)
-    with emu.options(seed=seed, schedule="random"):
+    with emu.options(seed=seed, schedule=schedule):
         good = _row_sum(L, x, 256)
         bad = _row_sum(L, x, 256, prefix="ltk_emu_toy_nosync_")
     torch.testing.assert_close(good, x.sum(1), rtol=1e-12, atol=1e-12)
@@ -180,6 +181,36 @@ def test_mutant_missing_syncthreads_fails_without_poison(L, seed):
     assert not torch.allclose(bad, x.sum(1))
 
 
+def _row_stats(L, x, prefix):
+    out = emu.guarded(torch.full((2 * x.shape[0],), float("nan"), dtype=torch.float64))
+    L.call(prefix + "row_stats_f64", ptr(x), ptr(out), x.shape[0], x.shape[1])
+    return out.view(-1, 2)
+
+
+@pytest.mark.parametrize("schedule", ["random", "warps"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_mutant_missing_reuse_barrier_fails(L, seed, schedule):
+    """Two block reductions in a row sharing the slots, without the barrier after the first one's reads
+    (toy_mutant_reuse.cpp): a warp that runs ahead writes its slot for the second reduction while a slower
+    warp still reads the first one's. Caught by the warp-priority schedule (part of the default random
+    schedule); the correct kernel passes."""
+    x = torch.randn(6, 3000, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    ref = torch.stack([x.sum(1), (x * x).sum(1)], 1)
+    with emu.options(seed=seed, schedule=schedule):
+        torch.testing.assert_close(_row_stats(L, x, "ltk_emu_toy_"), ref, rtol=1e-12, atol=1e-12)
+        bad = _row_stats(L, x, "ltk_emu_toy_reuse_")
+    assert not torch.allclose(bad, ref), "the mutant without the reuse barrier went undetected"
+
+
+def test_mutant_missing_reuse_barrier_escapes_uniform_interleaving(L):
+    """Why warp priorities: with every thread drawn uniformly, all warps progress in step and the reuse
+    race never materialises."""
+    x = torch.randn(6, 3000, dtype=torch.float64)
+    with emu.options(schedule="uniform"):
+        bad = _row_stats(L, x, "ltk_emu_toy_reuse_")
+    torch.testing.assert_close(bad, torch.stack([x.sum(1), (x * x).sum(1)], 1), rtol=1e-12, atol=1e-12)
+
+
 def test_mutant_shifted_index_fails(L):
     """axpy whose grid-stride loop starts one element late: it skips element 0 and touches element n,
     which lies on the guard page of the buffer -> EmulatorError naming the out-of-bounds offset."""
@@ -201,7 +232,9 @@ def test_mutant_shifted_index_fails_without_guard(L):
 # ---- misuse surfaces as EmulatorError, never a hang or a crash ------------------------------------------
 BAD = {
     "divergent_barrier": r"every thread of the block must reach every barrier",
-    "early_return": r"__syncthreads at .*toy_kernels.cuh:\d+ is reached after \d+ thread\(s\) of the block exited",
+    # which of the two messages depends on the order: the barrier after an exit, or an exit during a wait
+    "early_return": r"(__syncthreads at .*toy_kernels.cuh:\d+ is reached after \d+ thread\(s\) of the block exited"
+                    r"|exits while \d+ thread\(s\) of the block wait at __syncthreads at .*toy_kernels.cuh:\d+)",
     "two_barriers": r"divergent barriers",
     "shfl_exited_lane": r"__shfl_xor_sync at .*: lane \d+ of warp 0 reads lane \d+, which has exited",
     "shfl_divergent": r"divergent warp collective",

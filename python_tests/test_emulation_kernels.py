@@ -64,7 +64,7 @@ def L():
 @pytest.fixture(autouse=True)
 def _default_options(L):
     emu.set_options(seed=SEEDS[0], schedule="random", timeout_s=60.0, sm_count=4, poison=True,
-                    shuffle_blocks=True)
+                    shuffle_blocks=True, clamp_grid=0)
     yield
 
 
@@ -401,6 +401,8 @@ def _has_op(name):
 
 # ==== cosine head =========================================================================================
 COS_SHAPES = [(1, 1), (3, 7), (9, 33), (40, 3), (5, 300), (70, 65)]
+# The cosine kernels use grid-stride loops (any grid is valid), but their grids are capped so high that the
+# loops never wrap at test sizes: the clamped_grid cases run at most 2 x 2 blocks so that they do.
 
 
 def _cos_fn(name, dtype):
@@ -411,7 +413,9 @@ def _cos_fn(name, dtype):
 @pytest.mark.parametrize("rows,cols", COS_SHAPES + [(0, 5), (5, 0)])
 @pytest.mark.parametrize("vec_rows", [True, False])
 @pytest.mark.parametrize("sqrt_out", [True, False])
-def test_cosine_vec_dot(L, dtype, rows, cols, vec_rows, sqrt_out):
+@pytest.mark.parametrize("clamp", [0, 2], ids=["grid", "clamped_grid"])
+def test_cosine_vec_dot(L, clamp, dtype, rows, cols, vec_rows, sqrt_out):
+    emu.set_options(clamp_grid=clamp)  # 2: the grid-stride loops wrap
     g = torch.Generator().manual_seed(rows * 100 + cols)
     a = torch.randn(rows, cols, generator=g, dtype=dtype)
     b = a if sqrt_out else torch.randn(rows, cols, generator=g, dtype=dtype)
@@ -443,7 +447,9 @@ def test_cosine_norms(L, dtype, rows, cols, vec_rows):
 @pytest.mark.parametrize("rows,cols", COS_SHAPES + [(0, 4), (4, 0), (3, 600)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "inplace"])
 @pytest.mark.parametrize("norms", ["both", "rows", "cols", "none"])
-def test_cosine_scale(L, dtype, rows, cols, layout, norms):
+@pytest.mark.parametrize("clamp", [0, 2], ids=["grid", "clamped_grid"])
+def test_cosine_scale(L, clamp, dtype, rows, cols, layout, norms):
+    emu.set_options(clamp_grid=clamp)  # 2: the grid-stride loops wrap
     g = torch.Generator().manual_seed(rows * 7 + cols)
     eps = 0.3
     base = torch.randn(cols, rows, generator=g, dtype=dtype) if layout == "transposed" else \
@@ -483,7 +489,9 @@ def _tangent_ref(gm, x, vec_rows, norm, eps, prescaled, s):
 @pytest.mark.parametrize("rows,cols", COS_SHAPES + [(0, 3), (3, 0), (4, 700)])
 @pytest.mark.parametrize("vec_rows", [True, False])
 @pytest.mark.parametrize("prescaled,scaled", [(False, False), (True, False), (False, True), (True, True)])
-def test_cosine_tangent(L, dtype, rows, cols, vec_rows, prescaled, scaled):
+@pytest.mark.parametrize("clamp", [0, 2], ids=["grid", "clamped_grid"])
+def test_cosine_tangent(L, clamp, dtype, rows, cols, vec_rows, prescaled, scaled):
+    emu.set_options(clamp_grid=clamp)  # 2: the grid-stride loops wrap
     g = torch.Generator().manual_seed(rows * 13 + cols)
     eps = 0.5
     x = torch.randn(rows, cols, generator=g, dtype=dtype)

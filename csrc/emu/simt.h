@@ -274,7 +274,8 @@ namespace emu {
 namespace detail {
 inline void atomic_point() {
   Runtime& r = g_rt;
-  if (r.cur && r.opt.yield_on_atomic && r.opt.schedule == Schedule::Random) yield_current();
+  if (r.cur && r.opt.yield_on_atomic && r.opt.schedule != Schedule::Forward && r.opt.schedule != Schedule::Reverse)
+    yield_current();
 }
 }  // namespace detail
 }  // namespace emu

@@ -57,10 +57,18 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-enum class Schedule { Random, Forward, Reverse };
+// Random: per block, a seeded coin flip between Uniform and WarpPriority (the default).
+// Uniform: the next thread is drawn uniformly from the runnable ones: all threads progress at about the
+//   same rate, which exposes reads of data that other threads have not written yet.
+// WarpPriority: every warp gets a random priority, re-drawn whenever the block passes a __syncthreads
+//   (PCT-style change points); the runnable thread of the highest-priority warp runs. Some warps race
+//   ahead while others lag, which exposes writes that overtake another warp's pending reads (e.g. a
+//   missing barrier before shared memory is reused).
+// Forward / Reverse: thread order, deterministic.
+enum class Schedule { Random, Forward, Reverse, Uniform, WarpPriority };
 
 // Process-wide options. Initialised from the environment on first use:
-//   LTK_EMU_SEED (integer), LTK_EMU_SCHEDULE (random|forward|reverse), LTK_EMU_TIMEOUT_S (seconds, 0 = off),
+//   LTK_EMU_SEED (integer), LTK_EMU_SCHEDULE (random|uniform|warps|forward|reverse), LTK_EMU_TIMEOUT_S (seconds, 0 = off),
 //   LTK_EMU_SM_COUNT, LTK_EMU_STACK_KB, LTK_EMU_POISON (0/1), LTK_EMU_SHUFFLE_BLOCKS (0/1).
 struct Options {
   uint64_t seed = 0x5EEDull;
@@ -74,6 +82,10 @@ struct Options {
   size_t stack_bytes = 256 << 10; // per emulated thread
   size_t max_dynamic_smem = 48 << 10;        // default limit per block without cudaFuncSetAttribute
   size_t max_dynamic_smem_optin = 227 << 10; // H100 opt-in limit
+  // Stress option for grid-stride kernels (any grid size valid): run at most this many blocks along x
+  // and y (0 = the launch's grid), so that their loops wrap even at small test sizes. Never use it for
+  // kernels that map one block to one work item.
+  unsigned clamp_grid = 0;
 };
 
 struct LaunchRecord {
@@ -106,6 +118,8 @@ inline Options options_from_env() {
     std::string v(s);
     if (v == "forward") o.schedule = Schedule::Forward;
     else if (v == "reverse") o.schedule = Schedule::Reverse;
+    else if (v == "uniform") o.schedule = Schedule::Uniform;
+    else if (v == "warps") o.schedule = Schedule::WarpPriority;
     else o.schedule = Schedule::Random;
   }
   if (const char* s = std::getenv("LTK_EMU_TIMEOUT_S")) o.timeout_s = std::strtod(s, nullptr);
@@ -113,6 +127,7 @@ inline Options options_from_env() {
   if (const char* s = std::getenv("LTK_EMU_STACK_KB")) o.stack_bytes = size_t(std::max(16, std::atoi(s))) << 10;
   if (const char* s = std::getenv("LTK_EMU_POISON")) o.poison_shared = std::atoi(s) != 0;
   if (const char* s = std::getenv("LTK_EMU_SHUFFLE_BLOCKS")) o.shuffle_blocks = std::atoi(s) != 0;
+  if (const char* s = std::getenv("LTK_EMU_CLAMP_GRID")) o.clamp_grid = unsigned(std::max(0, std::atoi(s)));
   return o;
 }
 
@@ -244,6 +259,8 @@ struct Runtime {
   Ctx sched;
   std::deque<unsigned> runq;
   uint64_t rng = 0;
+  bool warp_priority = false;         // this block runs under the WarpPriority schedule
+  std::vector<uint64_t> warp_prio;    // per warp
   unsigned bar_arrived = 0;
   const char* bar_file = "";
   int bar_line = 0;
@@ -598,6 +615,8 @@ inline int block_barrier(int kind, int pred, const char* file, int line) {
   if (r.bar_arrived == r.nthreads) {
     r.bar_result = kind == 1 ? r.bar_acc : (kind == 2 ? (r.bar_acc == 0) : (r.bar_acc != 0));
     r.bar_arrived = 0;
+    if (r.warp_priority)  // a change point: another warp may lead the next phase
+      for (auto& p : r.warp_prio) p = splitmix64(r.rng);
     for (unsigned i = 0; i < r.nthreads; ++i) make_runnable(i);
   }
   switch_out();
@@ -910,6 +929,10 @@ inline void run_block(uint3 bidx) {
   r.bar_arrived = 0;
   r.done = 0;
   r.runq.clear();
+  r.warp_priority = r.opt.schedule == Schedule::WarpPriority ||
+                    (r.opt.schedule == Schedule::Random && (splitmix64(r.rng) & 1));
+  r.warp_prio.resize(r.nwarps);
+  for (auto& p : r.warp_prio) p = splitmix64(r.rng);
   for (unsigned w = 0; w < r.nwarps; ++w) {
     Warp& wp = r.warps[w];
     wp.arrived = 0;
@@ -942,7 +965,24 @@ inline void run_block(uint3 bidx) {
       break;
     }
     unsigned i;
-    if (r.opt.schedule == Schedule::Random) {
+    if (r.warp_priority) {
+      // the highest-priority warp with a runnable lane; a random lane of it
+      uint64_t best = 0;
+      size_t k = 0, ties = 0;
+      for (size_t q = 0; q < r.runq.size(); ++q) {
+        uint64_t p = r.warp_prio[r.runq[q] >> 5];
+        if (ties == 0 || p > best) {
+          best = p;
+          k = q;
+          ties = 1;
+        } else if (p == best && splitmix64(r.rng) % ++ties == 0) {
+          k = q;
+        }
+      }
+      i = r.runq[k];
+      r.runq[k] = r.runq.back();
+      r.runq.pop_back();
+    } else if (r.opt.schedule == Schedule::Random || r.opt.schedule == Schedule::Uniform) {
       size_t k = size_t(splitmix64(r.rng) % r.runq.size());
       i = r.runq[k];
       r.runq[k] = r.runq.back();
@@ -1002,6 +1042,12 @@ inline void run_launch(const void* fn, dim3 grid, dim3 block, size_t smem, void 
   rec.block = block;
   rec.dynamic_smem = smem;
   check_config(fn, grid, block, smem);
+  if (r.opt.clamp_grid) {
+    grid.x = std::min(grid.x, r.opt.clamp_grid);
+    grid.y = std::min(grid.y, r.opt.clamp_grid);
+    r.grid = grid;
+    rec.grid = grid;
+  }
   r.nthreads = block.x * block.y * block.z;
   r.nwarps = (r.nthreads + 31) / 32;
   r.invoke = invoke;
@@ -1021,7 +1067,7 @@ inline void run_launch(const void* fn, dim3 grid, dim3 block, size_t smem, void 
   uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
   std::vector<uint64_t> order(nblocks);
   for (uint64_t b = 0; b < nblocks; ++b) order[b] = b;
-  if (r.opt.shuffle_blocks && r.opt.schedule == Schedule::Random) {
+  if (r.opt.shuffle_blocks && r.opt.schedule != Schedule::Forward && r.opt.schedule != Schedule::Reverse) {
     uint64_t s = r.opt.seed * 0x2545F4914F6CDD1Dull + 17;
     for (uint64_t b = nblocks; b > 1; --b) std::swap(order[b - 1], order[splitmix64(s) % b]);
   } else if (r.opt.schedule == Schedule::Reverse) {

@@ -32,7 +32,11 @@ CXX = os.environ.get("CXX", "g++")
 JOBS = max(1, int(os.environ.get("LTK_EMU_JOBS", "2")))
 
 _TORCH_INC = os.path.join(os.path.dirname(torch.__file__), "include")
-CXXFLAGS = [
+# Mutation testing (emu/mutants.py): a directory searched before csrc/ whose files shadow project headers,
+# and the subset of python_tests/emu/*.cpp to build.
+EXTRA_INCLUDE = os.environ.get("LTK_EMU_EXTRA_INCLUDE")
+ONLY_SOURCES = [s for s in os.environ.get("LTK_EMU_SOURCES", "").split(",") if s]
+CXXFLAGS = ([f"-I{EXTRA_INCLUDE}"] if EXTRA_INCLUDE else []) + [
     "-std=c++20", "-O1", "-g0", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing",
     "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type",
     # probe every stack page, so that an overflowing emulated thread hits its guard page
@@ -78,7 +82,8 @@ def _compiler() -> str:
 
 
 def sources() -> list[str]:
-    return sorted(os.path.join(HERE, f) for f in os.listdir(HERE) if f.endswith(".cpp"))
+    names = ONLY_SOURCES or [f for f in os.listdir(HERE) if f.endswith(".cpp")]
+    return sorted(os.path.join(HERE, f) for f in names)
 
 
 def _project_deps(depfile: str) -> list[str]:
@@ -232,8 +237,11 @@ def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
 
 def set_options(seed: int | None = None, schedule: str | None = None, timeout_s: float | None = None,
                 sm_count: int | None = None, poison: bool | None = None, shuffle_blocks: bool | None = None,
-                stack_kb: int | None = None) -> None:
-    sched = {None: -1, "random": 0, "forward": 1, "reverse": 2}[schedule]
+                stack_kb: int | None = None, clamp_grid: int | None = None) -> None:
+    """clamp_grid: run at most this many blocks along x and y (grid-stride kernels only; 0 = off)."""
+    if clamp_grid is not None:
+        lib().call("ltk_emu_set_clamp_grid", int(clamp_grid))
+    sched = {None: -1, "random": 0, "forward": 1, "reverse": 2, "uniform": 3, "warps": 4}[schedule]
     lib().call("ltk_emu_set_options", -1 if seed is None else seed, sched,
                -1.0 if timeout_s is None else float(timeout_s), sm_count or 0,
                -1 if poison is None else int(poison), -1 if shuffle_blocks is None else int(shuffle_blocks),
@@ -244,8 +252,8 @@ def get_options() -> dict:
     seed, sched, timeout, sms = ctypes.c_longlong(), ctypes.c_int(), ctypes.c_double(), ctypes.c_int()
     lib().call("ltk_emu_get_options", ctypes.byref(seed), ctypes.byref(sched), ctypes.byref(timeout),
                ctypes.byref(sms))
-    return {"seed": seed.value, "schedule": ["random", "forward", "reverse"][sched.value],
-            "timeout_s": timeout.value, "sm_count": sms.value}
+    return {"seed": seed.value, "schedule": ["random", "forward", "reverse", "uniform", "warps"][sched.value],
+            "timeout_s": timeout.value, "sm_count": sms.value, "clamp_grid": lib().ltk_emu_get_clamp_grid()}
 
 
 class options:

@@ -65,3 +65,6 @@ LTK_EMU_EXPORT void ltk_emu_guarded_free(void* p) { ltk::emu::guarded_free(p); }
 LTK_EMU_EXPORT int ltk_emu_register_static_shared(long long offset_from_marker, long long bytes) {
   LTK_EMU_TRY(ltk::emu::register_static_shared(ptrdiff_t(offset_from_marker), size_t(bytes)))
 }
+
+LTK_EMU_EXPORT int ltk_emu_set_clamp_grid(int n) { LTK_EMU_TRY(ltk::emu::options().clamp_grid = unsigned(n < 0 ? 0 : n)) }
+LTK_EMU_EXPORT int ltk_emu_get_clamp_grid() { return int(ltk::emu::options().clamp_grid); }

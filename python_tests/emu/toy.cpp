@@ -21,6 +21,9 @@ LTK_EMU_EXPORT int LTK_TOY_FN(row_sum_f64)(const double* x, double* out, int N, 
 LTK_EMU_EXPORT int LTK_TOY_FN(row_sum_i32)(const int* x, int* out, int N, int C, int threads) {
   LTK_EMU_TRY(t::launch_row_sum<int>(x, out, N, C, threads, nullptr))
 }
+LTK_EMU_EXPORT int LTK_TOY_FN(row_stats_f64)(const double* x, double* out, int N, int C) {
+  LTK_EMU_TRY(t::launch_row_stats<double>(x, out, N, C, nullptr))
+}
 LTK_EMU_EXPORT int LTK_TOY_FN(axpy_f32)(long long n, float a, const float* x, float* y, int max_blocks) {
   LTK_EMU_TRY(t::launch_axpy<float>(n, a, x, y, max_blocks, nullptr))
 }

@@ -3,6 +3,8 @@
 // from this file with macros:
 //   LTK_TOY_MUTANT_NO_SYNC   drops the __syncthreads between writing and reading shared memory
 //   LTK_TOY_MUTANT_SHIFT     shifts the grid-stride start index by one
+//   LTK_TOY_MUTANT_NO_REUSE_SYNC drops the __syncthreads that protects the shared slots from the next
+//                            reduction (a warp that runs ahead overwrites a slot another warp still reads)
 #pragma once
 
 #include <cassert>
@@ -49,7 +51,9 @@ __device__ __forceinline__ T block_sum(T v) {
 #endif
   T r = lane < kThreads / 32 ? partial[lane] : T(0);
   r = warp_sum_down(r);
+#ifndef LTK_TOY_MUTANT_NO_REUSE_SYNC
   __syncthreads();
+#endif
   return r;
 }
 
@@ -62,6 +66,26 @@ __global__ void __launch_bounds__(kThreads) row_sum_kernel(const T* __restrict__
   for (int j = threadIdx.x; j < C; j += kThreads) acc += __ldg(xr + j);
   acc = block_sum<T, kThreads>(acc);
   if (threadIdx.x == 0) out[row] = acc;
+}
+
+// out[2 row] = sum_j x[row, j], out[2 row + 1] = sum_j x[row, j]^2: two block reductions in a row that
+// share the shared-memory slots.
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) row_stats_kernel(const T* __restrict__ x, T* __restrict__ out, int C) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * C;
+  T s = T(0), q = T(0);
+  for (int j = threadIdx.x; j < C; j += kThreads) {
+    const T v = xr[j];
+    s += v;
+    q += v * v;
+  }
+  s = block_sum<T, kThreads>(s);
+  q = block_sum<T, kThreads>(q);
+  if (threadIdx.x == 0) {
+    out[2 * row] = s;
+    out[2 * row + 1] = q;
+  }
 }
 
 // y[i] = a * x[i] + y[i] with a grid-stride loop over n elements.
@@ -193,6 +217,12 @@ void launch_row_sum(const T* x, T* out, int N, int C, int threads, cudaStream_t 
     case 256: LTK_LAUNCH((row_sum_kernel<T, 256>), dim3(N), dim3(256), 0, stream, x, out, C); break;
     default: LTK_LAUNCH((row_sum_kernel<T, 1024>), dim3(N), dim3(1024), 0, stream, x, out, C); break;
   }
+}
+
+template <typename T>
+void launch_row_stats(const T* x, T* out, int N, int C, cudaStream_t stream) {
+  if (N == 0) return;
+  LTK_LAUNCH((row_stats_kernel<T, 256>), dim3(N), dim3(256), 0, stream, x, out, C);
 }
 
 template <typename T>
