@@ -7,7 +7,10 @@
 // (C, D) weight passed as weight.t()); both are used without a copy and each gradient comes back in its
 // operand's layout. Other strides are copied once.
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
 
 #include "cosine_head_op.h"
 
@@ -203,4 +206,50 @@ void cosine_tangent_impl(const CosineDeviceOps& dev, const at::Tensor& grad, con
   }
 }
 
+namespace {
+
+// Autograd of cosine_logits in C++ (a Python register_autograd costs ~100 us per step, which is more
+// than the whole head at small shapes). Both directions go through the dispatcher, so FakeTensor /
+// torch.compile tracing sees the ops (fake kernels in ltkernels/cosine.py). The norms are returned for
+// convenience and are not differentiable.
+class CosineLogitsFunction : public torch::autograd::Function<CosineLogitsFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& features,
+                                                const at::Tensor& weight, double eps) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("ltkernels::cosine_logits", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, xn, wn] = op.call(features, weight, eps);
+    ctx->save_for_backward({features, weight, xn, wn});
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({xn, wn});
+    return {out, xn, wn};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("ltkernels::cosine_logits_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, double, bool, bool, int64_t)>();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    if (!grads[0].defined() || !(need_x || need_w)) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    auto [gx, gw] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["eps"].toDouble(),
+                            need_x, need_w, 0);
+    return {need_x ? gx : at::Tensor(), need_w ? gw : at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
 }  // namespace ltk
+
+TORCH_LIBRARY_IMPL(ltkernels, Autograd, m) {
+  m.impl("cosine_logits", [](const at::Tensor& features, const at::Tensor& weight, double eps) {
+    auto r = ltk::CosineLogitsFunction::apply(features, weight, eps);
+    return std::make_tuple(r[0], r[1], r[2]);
+  });
+}

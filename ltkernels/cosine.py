@@ -74,25 +74,9 @@ def _cosine_tangent_fake(grad, vectors, norm, eps, dim, prescaled, scale=None):
     return None
 
 
-def _cosine_setup(ctx, inputs, output):
-    features, weight, eps = inputs
-    _, xn, wn = output
-    ctx.save_for_backward(features, weight, xn, wn)
-    ctx.eps = eps
-    # The norms are returned for convenience (feature-norm losses, logging) and are not differentiable.
-    ctx.mark_non_differentiable(xn, wn)
-
-
-def _cosine_backward(ctx, grad, _g_xn, _g_wn):
-    features, weight, xn, wn = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if grad is None or not (need_x or need_w):
-        return None, None, None
-    gx, gw = ops.cosine_logits_backward(grad, features, weight, xn, wn, ctx.eps, need_x, need_w, 0)
-    return (gx if need_x else None), (gw if need_w else None), None
-
-
-torch.library.register_autograd("ltkernels::cosine_logits", _cosine_backward, setup_context=_cosine_setup)
+# Autograd of cosine_logits is registered in C++ (csrc/cosine_head_common.cpp: the Python
+# register_autograd path costs about 100 us per step, more than the whole head at small shapes); its
+# backward calls ltkernels::cosine_logits_backward through the dispatcher, so tracing sees both ops.
 
 
 # ---------------------------------------------------------------------------------------------------
