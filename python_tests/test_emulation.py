@@ -131,6 +131,33 @@ def test_votes(L, threads):
     assert torch.equal(count, pred.view(blocks, threads).sum(1).to(torch.int32))
 
 
+def _shfl_model(kind, lane, arg, width):
+    """Source lane per the CUDA programming guide's description of each shuffle (the hardware uses the
+    low 5 bits of the lane / delta operand: PTX shfl.sync's b[4:0])."""
+    base = lane // width * width
+    arg %= 32
+    if kind == 0:  # __shfl_sync: lane srcLane % width of my group
+        return base + arg % width
+    if kind == 1:  # __shfl_up_sync: lane - delta, own value if that leaves my group
+        return lane - arg if lane - arg >= base else lane
+    if kind == 2:  # __shfl_down_sync: lane + delta, own value if that leaves my group
+        return lane + arg if lane + arg < base + width else lane
+    src = lane ^ arg  # __shfl_xor_sync: earlier groups are readable, later ones give the own value
+    return src if src < base + width else lane
+
+
+@pytest.mark.parametrize("arg", [0, 1, 3, 5, 8, 17, 31, 33])
+def test_shuffle_semantics(L, arg):
+    threads = 64
+    out = torch.full((24 * threads,), -1, dtype=torch.int32)
+    L.call("ltk_emu_toy_shfl", ptr(out), threads, arg)
+    out = out.view(6, 4, threads)
+    for wi, width in enumerate([1, 2, 4, 8, 16, 32]):
+        for kind in range(4):
+            want = [1000 + (t // 32) * 32 + _shfl_model(kind, t % 32, arg, width) for t in range(threads)]
+            assert out[wi, kind].tolist() == want, (width, ["idx", "up", "down", "xor"][kind])
+
+
 # ---- seeded mutants: the same kernels, broken, must fail ---------------------------------------------------
 @pytest.mark.parametrize("schedule", ["random", "uniform", "warps"])
 @pytest.mark.parametrize("seed", SEEDS)
@@ -245,6 +272,7 @@ BAD = {
     "assert": r"device-side assertion .*negative label.* failed",
     "stack_overflow": r"stack overflow of an emulated thread",
     "div_zero": r"SIGFPE",
+    "partial_warp": r"reads lane \d+, which does not exist \(blockDim is not a multiple of 32\)",
     "zero_grid": r"a grid dimension is 0",
     "big_block": r"blockDim exceeds",
     "grid_y": r"gridDim exceeds",

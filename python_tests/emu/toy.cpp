@@ -43,6 +43,10 @@ LTK_EMU_EXPORT int ltk_emu_toy_vote(const int* pred, unsigned* ballot, int* any_
   LTK_EMU_TRY(LTK_LAUNCH(t::vote_kernel, dim3(blocks), dim3(threads), 0, nullptr, pred, ballot, any_all, count))
 }
 
+LTK_EMU_EXPORT int ltk_emu_toy_shfl(int* out, int threads, int arg) {
+  LTK_EMU_TRY(LTK_LAUNCH(t::shfl_kernel, dim3(1), dim3(threads), 0, nullptr, out, arg))
+}
+
 // Broken kernels by name; each must fail with an emulator error.
 LTK_EMU_EXPORT int ltk_emu_toy_bad(const char* which, void* a, void* b, int n) {
   LTK_EMU_TRY({
@@ -61,6 +65,7 @@ LTK_EMU_EXPORT int ltk_emu_toy_bad(const char* which, void* a, void* b, int n) {
     else if (w == "assert") LTK_LAUNCH(t::bad_assert_kernel, 1, 32, 0, s, (const int*)a);
     else if (w == "stack_overflow") LTK_LAUNCH(t::bad_stack_overflow_kernel, 1, 32, 0, s, (int*)a, n);
     else if (w == "div_zero") LTK_LAUNCH(t::bad_div_zero_kernel, 1, 32, 0, s, (const int*)a, (int*)b);
+    else if (w == "partial_warp") LTK_LAUNCH(t::bad_partial_warp_kernel, 1, 48, 0, s, (float*)a);
     else if (w == "zero_grid") LTK_LAUNCH(t::noop_kernel, 0, 32, 0, s, 1);
     else if (w == "big_block") LTK_LAUNCH(t::noop_kernel, 1, 2048, 0, s, 1);
     else if (w == "grid_y") LTK_LAUNCH(t::noop_kernel, dim3(1, 70000), 32, 0, s, 1);

@@ -137,6 +137,19 @@ __global__ void vote_kernel(const int* __restrict__ pred, unsigned* __restrict__
   if (t == 0) count[blockIdx.x] = c;
 }
 
+// Every shuffle kind at every width: out[(4 * log2(width) + kind) * blockDim.x + t].
+__global__ void shfl_kernel(int* __restrict__ out, int arg) {
+  const int t = threadIdx.x, n = blockDim.x;
+  const int v = 1000 + t;
+  int k = 0;
+  for (int w = 1; w <= 32; w *= 2) {
+    out[(k++) * n + t] = __shfl_sync(0xffffffffu, v, arg, w);
+    out[(k++) * n + t] = __shfl_up_sync(0xffffffffu, v, unsigned(arg), w);
+    out[(k++) * n + t] = __shfl_down_sync(0xffffffffu, v, unsigned(arg), w);
+    out[(k++) * n + t] = __shfl_xor_sync(0xffffffffu, v, arg, w);
+  }
+}
+
 // ---- deliberately broken kernels: each must end in an emulator error, never a hang or crash ----
 __global__ void bad_divergent_barrier_kernel(float* out) {
   if (threadIdx.x < 16) __syncthreads();
@@ -206,6 +219,12 @@ __device__ int deep_recursion(int d) {
 __global__ void bad_stack_overflow_kernel(int* out, int depth) { out[threadIdx.x] = deep_recursion(depth); }
 __global__ void bad_div_zero_kernel(const int* x, int* y) { y[threadIdx.x] = 100 / x[threadIdx.x]; }
 __global__ void noop_kernel(int) {}
+__global__ void bad_partial_warp_kernel(float* out) {
+  // blockDim 48: the second warp has 16 lanes, and a full-width butterfly reads lanes 48..63
+  float v = float(threadIdx.x);
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  out[threadIdx.x] = v;
+}
 
 // ---- raw-pointer launch functions (what csrc/cuda/*.cuh provide for the real kernels) ----
 template <typename T>
