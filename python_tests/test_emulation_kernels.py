@@ -612,14 +612,16 @@ def _resource_report():
 
     if crr.find_nvcc() is None or not glob.glob(os.path.join(CUDA_DIR, "*.cu")):
         return None
-    out = os.path.join(ROOT, "build", "cuda_resources", "emulation_check.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cuda_resource_report.py"), "--json", out,
-                        "--out", os.path.join(os.path.dirname(out), "emulation_check.md")],
-                       capture_output=True, text=True, timeout=1800)
-    if p.returncode == 2:
-        pytest.fail(f"a .cu does not compile:\n{p.stderr[-4000:]}")
-    return json.load(open(out))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as td:  # the compile results themselves are cached by the tool
+        out = os.path.join(td, "r.json")
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cuda_resource_report.py"), "--json", out,
+                            "--out", os.path.join(td, "r.md")], capture_output=True, text=True, timeout=1800)
+        if p.returncode == 2:
+            pytest.fail(f"a .cu does not compile:\n{p.stderr[-4000:]}")
+        with open(out) as f:
+            return json.load(f)
 
 
 @pytest.mark.slow

@@ -222,10 +222,11 @@ def compile_one(nvcc: str, cu: str, archs: list[str], cache_dir: str | None, tre
     if cached and p.returncode == 0:
         os.makedirs(cache_dir, exist_ok=True)
         for f in os.listdir(cache_dir):  # drop stale entries of this file
-            if f.startswith(os.path.basename(cu) + "."):
+            if f.startswith(os.path.basename(cu) + ".") and f.endswith(".json"):
                 os.remove(os.path.join(cache_dir, f))
-        with open(cached, "w") as f:
+        with open(cached + f".{os.getpid()}.tmp", "w") as f:
             json.dump(res, f)
+        os.replace(cached + f".{os.getpid()}.tmp", cached)  # atomic for concurrent readers
     return res
 
 
