@@ -40,6 +40,14 @@ TORCH_LIBRARY(ltkernels, m) {
   m.def(
       "cosine_tangent_(Tensor(a!) grad, Tensor vectors, Tensor norm, float eps, int dim, bool prescaled, "
       "Tensor? scale=None) -> ()");
+  // Hyperspherical uniformity of the normalised class weights (RECONSTRUCTED FROM THE ABSTRACT of Gao et al.,
+  // CAAI TIT 2025; ltk/uniformity.h, cpu/uniformity_cpu.cpp, cuda/uniformity_*): weight (C, D) rows,
+  // kernel 0 gaussian log mean exp(-param d^2), 1 riesz mean d^-param, 2 log mean -log d, over pairs j != k,
+  // d^2 clamped at dist_eps; tiled (block x block Gram tiles, 0 = auto), C x C never materialised. Returns
+  // (value (0-dim), grad = dU/dweight for grad_output 1 (C, D), empty unless compute_grad).
+  m.def(
+      "uniformity(Tensor weight, int kernel, float param, float eps=1e-12, float dist_eps=1e-12, int block=0, "
+      "bool compute_grad=False) -> (Tensor, Tensor)");
   // Which instruction-set build of the CPU kernels runs here ("avx512", "avx2" or "default").
   m.def("cpu_isa() -> str", [] { return std::string(ltk::cpu::kernels_isa_name()); });
 }
