@@ -44,7 +44,8 @@ from torch import Tensor
 __all__ = [
     "UNIFORMITY_KERNELS", "uniformity", "uniformity_reference", "HypersphericalUniformity",
     "feature_norm_penalty", "FeatureNormRegulariser", "DecoupledRegularisedLoss", "per_class_margins",
-    "RunningClassMeans", "NC1Regulariser", "NC2Regulariser", "neural_collapse_metrics", "class_weight_rows",
+    "RunningClassMeans", "NC1Regulariser", "NC2Regulariser", "neural_collapse_metrics", "nc_stats",
+    "nc_metrics_from_stats", "nc_eval_metrics", "class_weight_rows",
 ]
 
 RECONSTRUCTED = "reconstructed from the abstract (formulas not verified against the paper)"
@@ -447,38 +448,49 @@ class NC2Regulariser(nn.Module):
 # Evaluation metrics
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def neural_collapse_metrics(features: Tensor, labels: Tensor, num_classes: Optional[int] = None,
-                            pinv: bool = True, chunk: int = 1024) -> dict:
-    """Neural-collapse statistics of a feature set (classes with no sample are skipped):
+def nc_stats(features: Tensor, labels: Tensor, num_classes: int) -> dict:
+    """Sufficient statistics of :func:`nc_metrics_from_stats` (float64, summable over shards / DDP ranks):
+    per-class sums (C, D), counts (C,), and the second moment ``sum_i h_i h_i^T`` (D, D)."""
+    f = features.detach().double()
+    y = labels.detach().long().to(f.device)
+    if f.dim() != 2 or y.dim() != 1 or y.shape[0] != f.shape[0]:
+        raise ValueError("nc_stats: features (N, D) and labels (N,) expected")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"nc_stats: labels must lie in [0, {num_classes})")
+    sums, counts = _class_sums(f, y, int(num_classes))
+    return {"sums": sums, "counts": counts, "second": f.t() @ f}
 
-    * ``nc1_trace_ratio`` = ``Tr(S_W) / Tr(S_B)`` (within / between-class scatter, per-sample average);
-    * ``nc1_pinv`` = ``Tr(S_W S_B^+) / C`` (Papyan et al.), when ``pinv``;
+
+def _add_stats(a: Optional[dict], b: dict) -> dict:
+    return dict(b) if a is None else {k: a[k] + b[k] for k in b}
+
+
+@torch.no_grad()
+def nc_metrics_from_stats(stats: dict, pinv: bool = True, chunk: int = 1024) -> dict:
+    """Neural-collapse statistics (classes with no sample are skipped):
+
+    * ``nc1_trace_ratio`` = ``Tr(S_W) / Tr(S_B)`` (within-class scatter per sample / between-class scatter
+      of the class means around the global mean, per class);
+    * ``nc1_pinv`` = ``Tr(S_W S_B^+) / K`` (Papyan et al.), when ``pinv``;
     * ``nc2_cos_mean`` / ``nc2_cos_std``: mean and std of the pairwise cosines of the centred class means
-      (simplex ETF: ``-1/(C-1)`` and 0); ``nc2_etf_dev`` the mean squared deviation from ``-1/(C-1)``;
+      (simplex ETF: ``-1/(K-1)`` and 0); ``nc2_etf_dev`` the mean squared deviation from ``-1/(K-1)``;
     * ``nc2_norm_cv``: coefficient of variation of the centred class-mean norms (equinorm: 0).
     """
-    f = features.detach().double()
-    y = labels.detach().long()
-    if f.dim() != 2 or y.dim() != 1 or y.shape[0] != f.shape[0]:
-        raise ValueError("neural_collapse_metrics: features (N, D) and labels (N,) expected")
-    C = int(num_classes) if num_classes is not None else int(y.max()) + 1 if y.numel() else 0
-    sums, counts = _class_sums(f, y, C)
+    sums, counts, second = stats["sums"].double(), stats["counts"].double(), stats["second"].double()
     present = counts > 0
     K = int(present.sum())
     out = {"nc_classes": K}
     if K < 2:
         return out
+    N = float(counts.sum())
     mu = sums[present] / counts[present].unsqueeze(1)
-    mg = f.mean(0)
-    within = f - (sums / counts.clamp_min(1).unsqueeze(1))[y]
-    N = f.shape[0]
-    sw_tr = within.square().sum() / N
+    mg = sums.sum(0) / N
+    sw = (second - (mu * counts[present].unsqueeze(1)).t() @ mu) / N  # within-class scatter
     cm = mu - mg
-    sb_tr = cm.square().sum() / K
-    out["nc1_trace_ratio"] = float(sw_tr / sb_tr) if sb_tr > 0 else float("inf")
+    sb = cm.t() @ cm / K
+    sw_tr, sb_tr = float(torch.trace(sw)), float(torch.trace(sb))
+    out["nc1_trace_ratio"] = max(sw_tr, 0.0) / sb_tr if sb_tr > 0 else float("inf")
     if pinv:
-        sw = within.t() @ within / N
-        sb = cm.t() @ cm / K
         out["nc1_pinv"] = float(torch.trace(sw @ torch.linalg.pinv(sb, hermitian=True)) / K)
     z = F.normalize(cm, dim=1)
     s1 = s2 = 0.0
@@ -497,3 +509,34 @@ def neural_collapse_metrics(features: Tensor, labels: Tensor, num_classes: Optio
     nrm = cm.norm(dim=1)
     out["nc2_norm_cv"] = float(nrm.std() / nrm.mean()) if nrm.mean() > 0 else float("nan")
     return out
+
+
+def neural_collapse_metrics(features: Tensor, labels: Tensor, num_classes: Optional[int] = None,
+                            pinv: bool = True) -> dict:
+    """:func:`nc_metrics_from_stats` of one feature set ``features`` (N, D), ``labels`` (N,)."""
+    C = int(num_classes) if num_classes is not None else (int(labels.max()) + 1 if labels.numel() else 0)
+    return nc_metrics_from_stats(nc_stats(features, labels, C), pinv=pinv)
+
+
+@torch.no_grad()
+def nc_eval_metrics(model: nn.Module, loader, device, num_classes: int, amp_dtype=None) -> dict:
+    """Harness hook: NC metrics of ``model``'s features (``model(x, return_features=True)``) over
+    ``loader``; under DDP the statistics of the ranks' shards are ``all_reduce``-d (every rank gets the
+    metrics of the whole set). Keys prefixed ``nc1_`` / ``nc2_``."""
+    was = model.training
+    model.eval()
+    acc = None
+    try:
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                _, feats = model(x, return_features=True)
+            acc = _add_stats(acc, nc_stats(feats.float(), torch.as_tensor(y).to(feats.device), num_classes))
+    finally:
+        model.train(was)
+    if acc is None:
+        return {}
+    if _dist_on():
+        for v in acc.values():
+            torch.distributed.all_reduce(v)
+    return nc_metrics_from_stats({k: v.cpu() for k, v in acc.items()})

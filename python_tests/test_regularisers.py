@@ -286,3 +286,19 @@ def test_nc_metrics():
     me = R.neural_collapse_metrics(torch.cat([etf, torch.zeros(200, 2)], 1), y, C)
     assert abs(me["nc2_cos_mean"] + 1.0 / (C - 1)) < 1e-9 and me["nc2_cos_std"] < 1e-6
     assert me["nc2_etf_dev"] < 1e-12
+
+
+def test_nc_stats_sum_over_shards():
+    torch.manual_seed(1)
+    f = torch.randn(60, 5)
+    y = torch.arange(60) % 6
+    whole = R.neural_collapse_metrics(f, y, 6)
+    s = R._add_stats(R.nc_stats(f[:25], y[:25], 6), R.nc_stats(f[25:], y[25:], 6))
+    parts = R.nc_metrics_from_stats(s)
+    for k in whole:
+        assert abs(whole[k] - parts[k]) < 1e-9 * max(1.0, abs(whole[k])), k
+    # trace ratio against the direct definition
+    mu = torch.stack([f[y == c].mean(0) for c in range(6)]).double()
+    sw = (f.double() - mu[y]).square().sum() / 60
+    sb = (mu - f.double().mean(0)).square().sum() / 6
+    assert abs(whole["nc1_trace_ratio"] - float(sw / sb)) < 1e-6 * float(sw / sb)
