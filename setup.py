@@ -58,7 +58,7 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     # -ffp-contract=off: the noise generator must give the same bits on CPU and CUDA, so no implicit
     # fused multiply-adds; kernels use explicit fma where they want one.
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp-simd", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp-simd", "-fno-math-errno", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
     define_macros = []
     ext_cls = cpp_extension.CppExtension
     extra = {"cxx": cxx}

@@ -27,6 +27,7 @@ _LAZY = {
     "FeaBalLoss": "losses",
     "drw_weights": "priors",
     "margin_cross_entropy": "functional",
+    "mixup_loss": "mixup",
 }
 
 __all__ = sorted(_LAZY) + ["functional", "losses", "priors", "reference"]

@@ -190,7 +190,13 @@ def margin_cross_entropy(
         p = torch.exp(-row)
         if focal_detach:
             p = p.detach()
-        row = (1.0 - p) ** float(focal_gamma) * row
+        q = 1.0 - p
+        # (1 - p)^gamma l -> 0 with a zero derivative as l -> 0, but autograd through q ** gamma at
+        # q = 0 (0 < gamma < 1) makes inf * 0 = NaN: take q = 1 in the unused branch of a double where.
+        pos = q > 0
+        mod = torch.where(pos, torch.where(pos, q, torch.ones_like(q)) ** float(focal_gamma),
+                          torch.zeros_like(q) if float(focal_gamma) > 0 else torch.ones_like(q))
+        row = mod * row
         if reduction == "none":
             return row
         total = row.sum()

@@ -623,7 +623,7 @@ def test_focal_full_gradient_at_zero_loss(ltk_device, gamma):
     assert torch.equal(g.cpu(), torch.zeros(2, 1, dtype=torch.float64))
 
 
-def test_reference_focal_full_gradient_at_zero_loss_BUG():
+def test_reference_focal_full_gradient_at_zero_loss():
     """Library bug in the oracle (ltkernels/reference.py, focal_detach=False, 0 < gamma < 1): at a row loss of
     exactly 0 (C = 1, or a saturated softmax) autograd through (1 - p)^gamma gives 0 * inf = NaN; the true
     gradient is 0 (the fused kernel returns 0, see test_focal_full_gradient_at_zero_loss)."""

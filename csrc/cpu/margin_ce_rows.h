@@ -43,12 +43,11 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& x) {
 inline void fill_row_normals(uint64_t seed, uint64_t offset, uint64_t row, int64_t groups, float* out) {
 #pragma omp simd
   for (int64_t k = 0; k < groups; ++k) {
-    float v[4];
-    philox::normal4(seed, offset, row, static_cast<uint64_t>(k), v);
-    out[4 * k] = v[0];
-    out[4 * k + 1] = v[1];
-    out[4 * k + 2] = v[2];
-    out[4 * k + 3] = v[3];
+    const philox::Normal4 v = philox::normal4(seed, offset, row, static_cast<uint64_t>(k));
+    out[4 * k] = v.v0;
+    out[4 * k + 1] = v.v1;
+    out[4 * k + 2] = v.v2;
+    out[4 * k + 3] = v.v3;
   }
 }
 

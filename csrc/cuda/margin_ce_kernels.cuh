@@ -37,7 +37,13 @@ struct RowState {
     return element_logit(a, j, y, S, t, pert, c);
   }
   __device__ __forceinline__ void normals(int64_t g, float* nz) const {
-    if (a.cloud && !a.noise) philox::normal4(a.seed, a.offset, static_cast<uint64_t>(i), static_cast<uint64_t>(g), nz);
+    if (a.cloud && !a.noise) {
+      const philox::Normal4 v = philox::normal4(a.seed, a.offset, static_cast<uint64_t>(i), static_cast<uint64_t>(g));
+      nz[0] = v.v0;
+      nz[1] = v.v1;
+      nz[2] = v.v2;
+      nz[3] = v.v3;
+    }
   }
 };
 

@@ -12,7 +12,7 @@ from ..data import DATASETS, SAMPLER_KINDS
 from ..models import ARCHS
 
 LOSS_NAMES = ("ce", "ldam", "ldam_drw", "kps", "kps_ga", "la", "bs", "focal", "cb", "fbl", "gcl", "gcl_ang",
-              "arcface", "cosface")
+              "arcface", "cosface", "decoupled")
 
 
 class ConfigError(ValueError):
@@ -38,7 +38,7 @@ DEFAULTS: Dict[str, Any] = {
     },
     "model": {"arch": "digits_cnn", "head": "auto", "cosine_impl": "eager", "width": 32, "bn": True,
               "sync_bn": False, "pretrained": None},
-    "loss": {"name": "ce", "impl": "reference", "params": {}, "drw": "auto", "drw_epoch": 160,
+    "loss": {"name": "ce", "impl": "fused", "params": {}, "drw": "auto", "drw_epoch": 160,
              "drw_beta": 0.9999, "ga_epoch": 120, "noise": "module"},
     "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4, "nesterov": False, "epochs": 200,
               "warmup_epochs": 5, "schedule": "multistep", "milestones": [160, 180], "gamma": 0.1,
@@ -47,7 +47,7 @@ DEFAULTS: Dict[str, Any] = {
               "resume": True, "progress": True, "tensorboard": True, "figures": True, "crash_at_step": None,
               "max_steps_per_epoch": None},
     "eval": {"many": 100, "few": 20, "ece_bins": 15, "every": 1, "logit_scale": "auto", "select": "val",
-             "posthoc": "none", "tau": 1.0},
+             "posthoc": "none", "tau": 1.0, "nc_metrics": False},
     "stage2": None,
 }
 

@@ -56,7 +56,11 @@ struct Block4 {
 // Philox4x32 with 10 rounds.
 LTK_HD Block4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   const uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#if defined(__CUDACC__)
 #pragma unroll
+#else
+#pragma GCC unroll 10
+#endif
   for (int r = 0; r < 10; ++r) {
     const uint32_t hi0 = mulhi(M0, c0), lo0 = M0 * c0;
     const uint32_t hi1 = mulhi(M1, c2), lo1 = M1 * c2;
@@ -80,11 +84,11 @@ LTK_HD float uniform_open(uint32_t x) {
 LTK_HD float log_unit(float u) {
   uint32_t b = float_to_bits(u);
   int e = static_cast<int>((b >> 23) & 0xffu) - 127;
-  float m = bits_to_float((b & 0x007fffffu) | 0x3f800000u);  // [1, 2)
-  if (m > 1.41421356f) {
-    m = fmul(m, 0.5f);
-    e += 1;
-  }
+  const float m1 = bits_to_float((b & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  // branch-free so that the CPU loop vectorises: fold [sqrt 2, 2) onto [sqrt 1/2, 1)
+  const bool fold = m1 > 1.41421356f;
+  const float m = fold ? fmul(m1, 0.5f) : m1;
+  e += fold ? 1 : 0;
   const float s = fdiv(fsub(m, 1.0f), fadd(m, 1.0f));
   const float s2 = fmul(s, s);
   // 2 (s + s^3/3 + s^5/5 + s^7/7 + s^9/9), |s| <= 0.1716
@@ -98,7 +102,10 @@ LTK_HD float log_unit(float u) {
 }
 
 // sin and cos of 2 pi t for t in [0, 1): quadrant from 4t, Taylor polynomials on [-pi/4, pi/4].
-LTK_HD void sincos_2pi(float t, float* s_out, float* c_out) {
+struct SinCos {
+  float s, c;
+};
+LTK_HD SinCos sincos_2pi(float t) {
   const float q4 = fmul(t, 4.0f);               // exact
   const float qf = static_cast<float>(static_cast<int>(fadd(q4, 0.5f)));  // nearest quadrant 0..4
   const int q = static_cast<int>(qf) & 3;
@@ -118,31 +125,32 @@ LTK_HD void sincos_2pi(float t, float* s_out, float* c_out) {
   // angle = q pi/2 + x
   const float s = (q == 0) ? sx : (q == 1) ? cx : (q == 2) ? -sx : -cx;
   const float c = (q == 0) ? cx : (q == 1) ? -sx : (q == 2) ? -cx : sx;
-  *s_out = s;
-  *c_out = c;
+  return SinCos{s, c};
 }
 
-// Four standard normals for columns 4k..4k+3 of row `row`.
-LTK_HD void normal4(uint64_t seed, uint64_t offset, uint64_t row, uint64_t k, float out[4]) {
+struct Normal4 {
+  float v0, v1, v2, v3;
+};
+
+// Four standard normals for columns 4k..4k+3 of row `row` (returned by value, no stores through
+// pointers, so the CPU loop over k vectorises).
+LTK_HD Normal4 normal4(uint64_t seed, uint64_t offset, uint64_t row, uint64_t k) {
+  // counter = (group, offset low, row low, row high ^ offset high): offsets >= 2^32 are new streams too
   const Block4 b = philox4x32_10(static_cast<uint32_t>(k), static_cast<uint32_t>(offset),
-                                 static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32),
+                                 static_cast<uint32_t>(row), static_cast<uint32_t>((row >> 32) ^ (offset >> 32)),
                                  static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   const float r0 = fsqrt(fmul(-2.0f, log_unit(uniform_open(b.x0))));
   const float r1 = fsqrt(fmul(-2.0f, log_unit(uniform_open(b.x2))));
-  float s0, c0, s1, c1;
-  sincos_2pi(uniform_open(b.x1), &s0, &c0);
-  sincos_2pi(uniform_open(b.x3), &s1, &c1);
-  out[0] = fmul(r0, c0);
-  out[1] = fmul(r0, s0);
-  out[2] = fmul(r1, c1);
-  out[3] = fmul(r1, s1);
+  const SinCos a0 = sincos_2pi(uniform_open(b.x1));
+  const SinCos a1 = sincos_2pi(uniform_open(b.x3));
+  return Normal4{fmul(r0, a0.c), fmul(r0, a0.s), fmul(r1, a1.c), fmul(r1, a1.s)};
 }
 
 // One normal for (row, col); the CPU fills whole groups of four with normal4 instead.
 LTK_HD float normal_at(uint64_t seed, uint64_t offset, uint64_t row, uint64_t col) {
-  float v[4];
-  normal4(seed, offset, row, col >> 2, v);
-  return v[col & 3];
+  const Normal4 n = normal4(seed, offset, row, col >> 2);
+  const uint64_t u = col & 3;
+  return u == 0 ? n.v0 : u == 1 ? n.v1 : u == 2 ? n.v2 : n.v3;
 }
 
 }  // namespace philox
