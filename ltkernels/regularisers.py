@@ -306,16 +306,18 @@ class DecoupledRegularisedLoss(nn.Module):
         return out
 
     def forward(self, cosine: Tensor, target: Tensor, weight: Optional[Tensor] = None,
-                features: Optional[Tensor] = None) -> Tensor:
+                features: Optional[Tensor] = None, skip_missing: bool = False) -> Tensor:
+        """``skip_missing=True`` leaves out a term whose input (weight / features) is None instead of
+        raising."""
         loss = self.ce(cosine, target)
         terms = {"ce": float(loss.detach())}
-        if self.lambda_u != 0.0:
+        if self.lambda_u != 0.0 and not (skip_missing and weight is None):
             if weight is None:
                 raise ValueError("DecoupledRegularisedLoss: lambda_u != 0 needs the classifier weight")
             u = self.uniform(weight)
             terms["uniformity"] = float(u.detach())
             loss = loss + self.lambda_u * u.to(loss.dtype)
-        if self.lambda_n != 0.0:
+        if self.lambda_n != 0.0 and not (skip_missing and features is None):
             if features is None:
                 raise ValueError("DecoupledRegularisedLoss: lambda_n != 0 needs the features")
             nt = self.norm(features)

@@ -302,3 +302,22 @@ def test_nc_stats_sum_over_shards():
     sw = (f.double() - mu[y]).square().sum() / 60
     sb = (mu - f.double().mean(0)).square().sum() / 6
     assert abs(whole["nc1_trace_ratio"] - float(sw / sb)) < 1e-6 * float(sw / sb)
+
+
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_harness_digits_decoupled(tmp_path, impl):
+    import os
+
+    from ltkernels.train import build_config, train
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    cfg = build_config(os.path.join(repo, "configs", "digits_lt.yaml"),
+                       ["method=decoupled", f"loss.impl={impl}", "num_threads=1", "model.width=4",
+                        "train.tensorboard=false", "train.figures=false", "train.progress=false",
+                        "optim.epochs=2", "train.max_steps_per_epoch=2", "optim.warmup_epochs=1",
+                        "train.ref_check_every=1", f"output_dir={tmp_path}"])
+    s = train(cfg, log=lambda *a: None)
+    t = s["test"]
+    assert 0 <= t["top1"] <= 100
+    assert t["nc_classes"] == 10 and math.isfinite(t["nc1_trace_ratio"]) and "nc2_cos_std" in t
+    assert s["stages"][0]["ref_check"]["max_loss_diff"] < 1e-4

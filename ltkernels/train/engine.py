@@ -144,7 +144,11 @@ def evaluate(model, dataset, cfg, device, cls_num_list, num_classes, logit_scale
     logits, targets, fn = collect_outputs(unwrap(model), loader, device, amp_dtype, posthoc)
     S = all_gather_cat(summarize(logits, targets, fn, logit_scale))
     e = cfg["eval"]
-    return metrics_from_summary(S, num_classes, cls_num_list, e["many"], e["few"], e["ece_bins"])
+    out = metrics_from_summary(S, num_classes, cls_num_list, e["many"], e["few"], e["ece_bins"])
+    if e.get("nc_metrics"):  # neural-collapse statistics of the features (ltkernels.regularisers)
+        from ..regularisers import nc_eval_metrics
+        out.update(nc_eval_metrics(unwrap(model), loader, device, num_classes, amp_dtype))
+    return out
 
 
 def prepare_stage(model, scfg: dict, stage: int, num_classes: int) -> None:
@@ -275,6 +279,7 @@ class Trainer:
                               nesterov=o["nesterov"])
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
         driver = LossDriver(scfg["loss"], counts, E, device=self.device)
+        driver.bind_head(model.head)  # regularised losses (ltkernels.regularisers) act on the head's weight
         ref_every = int(scfg["train"]["ref_check_every"] or 0)
         other = None
         if ref_every:
@@ -283,6 +288,7 @@ class Trainer:
                 raise ConfigError("train.ref_check_every > 0 compares loss.impl with the other implementation, "
                                   "but ltkernels.losses (fused) is not importable")
             other = LossDriver(scfg["loss"], counts, E, device=self.device, impl=other_impl)
+            other.bind_head(model.head)
         logit_scale = driver.logit_scale if scfg["eval"]["logit_scale"] == "auto" else float(scfg["eval"]["logit_scale"])
         d = scfg["data"]
         per_rank_bs = d["batch_size"] // self.ws

@@ -104,7 +104,9 @@ class LossDriver:
         return kw
 
     def _construct(self, kw):
-        cls = getattr(self.mod, self.cls_name, None)
+        cls = regularised_class(self.cls_name) or getattr(self.mod, self.cls_name, None)
+        if self.cls_name in REGULARISED:
+            kw = {**kw, "impl": self.impl, "weight_layout": "out_in"}  # bound head's weight as (C, D) rows
         if cls is None:
             raise ConfigError(f"loss.name={self.name!r}: {self.mod.__name__} has no {self.cls_name}")
         args = (self.cls_num_list,) if self.cls_name in NEEDS_COUNTS else ()
@@ -134,8 +136,51 @@ class LossDriver:
         return float(self.params.get("s", 1.0)) if SPECS[self.name][2] == "cosine" else 1.0
 
     def __call__(self, logits, features, target, noise=None):
+        if self.cls_name in REGULARISED:
+            w = self.head_weight()
+            return self.criterion(logits, target, weight=w, features=features, skip_missing=w is None)
         if self.name == "fbl":
             return self.criterion(logits, features, target, self.curr)
         if self.takes_noise and noise is not None:
             return self.criterion(logits, target, noise=noise)
         return self.criterion(logits, target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Extension (issue 7): regularised composites from ltkernels.regularisers (reconstructed from the abstract).
+# They also need the classifier weight: the engine binds the model's head with LossDriver.bind_head.
+# ---------------------------------------------------------------------------------------------------
+REGULARISED = {"DecoupledRegularisedLoss"}
+SPECS["decoupled"] = ("DecoupledRegularisedLoss", {"s": 30.0, "m": 0.5, "lambda_u": 0.1, "uniformity": "gaussian",
+                                                   "t": 2.0, "lambda_n": 0.0}, "cosine")
+NEEDS_COUNTS.add("DecoupledRegularisedLoss")
+
+
+def regularised_class(cls_name: str):
+    if cls_name not in REGULARISED:
+        return None
+    from .. import regularisers
+    return getattr(regularisers, cls_name)
+
+
+def _bind_head(self, head) -> None:
+    """Gives the driver the classifier whose weight the regulariser acts on (``head.class_weight()`` or
+    ``nn.Linear.weight``, as (C, D) rows)."""
+    self._head = head
+
+
+def _head_weight(self):
+    from ..regularisers import class_weight_rows
+    head = getattr(self, "_head", None)
+    if head is None:  # standalone driver (no model): the weight term is left out, with a warning
+        if not getattr(self, "_warned_head", False):
+            import warnings
+            warnings.warn(f"loss.name={self.name!r}: no classifier bound (LossDriver.bind_head(model.head)); "
+                          f"the uniformity term is left out")
+            self._warned_head = True
+        return None
+    return class_weight_rows(head)
+
+
+LossDriver.bind_head = _bind_head
+LossDriver.head_weight = _head_weight
