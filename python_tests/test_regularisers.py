@@ -321,3 +321,64 @@ def test_harness_digits_decoupled(tmp_path, impl):
     assert 0 <= t["top1"] <= 100
     assert t["nc_classes"] == 10 and math.isfinite(t["nc1_trace_ratio"]) and "nc2_cos_std" in t
     assert s["stages"][0]["ref_check"]["max_loss_diff"] < 1e-4
+
+
+def _ddp_worker(rank, ws, init, outdir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=ws)
+    try:
+        torch.manual_seed(0)
+        feats = [torch.randn(12, 3, dtype=torch.float64) for _ in range(2)]
+        labels = [torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 4, 4]), torch.tensor([1] * 6 + [3] * 6)]
+        nc1 = R.NC1Regulariser(5, 3, momentum=0.5).double()
+        nc2 = R.NC2Regulariser(5, 3, momentum=0.5).double()
+        out = {}
+        for step, (f, y) in enumerate(zip(feats, labels)):
+            sl = slice(rank * 6, (rank + 1) * 6)
+            x = f[sl].clone().requires_grad_()
+            (nc1(x, y[sl]) + nc2(x, y[sl])).backward()
+            out[f"grad{step}"] = x.grad
+        out["m1"], out["m2"] = nc1.state.means.clone(), nc2.state.means.clone()
+        out["nc"] = R.nc_metrics_from_stats({k: v.clone() for k, v in _allreduced_stats(feats[0][rank * 6:(rank + 1) * 6],
+                                                                                          labels[0][rank * 6:(rank + 1) * 6]).items()})
+        torch.save(out, f"{outdir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _allreduced_stats(f, y):
+    s = R.nc_stats(f, y, 5)
+    for v in s.values():
+        torch.distributed.all_reduce(v)
+    return s
+
+
+def test_ddp_running_means_match_single_process(tmp_path):
+    import torch.multiprocessing as mp
+    init = f"file://{tmp_path}/pg"
+    mp.spawn(_ddp_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    feats = [torch.randn(12, 3, dtype=torch.float64) for _ in range(2)]
+    labels = [torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 4, 4]), torch.tensor([1] * 6 + [3] * 6)]
+    nc1 = R.NC1Regulariser(5, 3, momentum=0.5).double()
+    nc2 = R.NC2Regulariser(5, 3, momentum=0.5).double()
+    grads = []
+    for f, y in zip(feats, labels):
+        x = f.clone().requires_grad_()
+        # NC1 is a per-sample mean: the DDP ranks each average over their half, so compare 2 x rank grads
+        l1 = nc1(x, y)
+        (g1,) = torch.autograd.grad(l1, x)
+        x2 = f.clone().requires_grad_()
+        (g2,) = torch.autograd.grad(nc2(x2, y), x2)
+        grads.append((g1, g2))
+    whole_nc = R.neural_collapse_metrics(feats[0], labels[0], 5)
+    for rank in range(2):
+        o = torch.load(f"{tmp_path}/rank{rank}.pt")
+        torch.testing.assert_close(o["m1"], nc1.state.means)
+        torch.testing.assert_close(o["m2"], nc2.state.means)
+        sl = slice(rank * 6, (rank + 1) * 6)
+        for step in range(2):
+            g1, g2 = grads[step]
+            torch.testing.assert_close(o[f"grad{step}"], 2 * g1[sl] + g2[sl])
+        for k, v in whole_nc.items():
+            assert abs(o["nc"][k] - v) < 1e-9 * max(1.0, abs(v)), k
