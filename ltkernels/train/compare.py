@@ -30,6 +30,21 @@ def aggregate(results):
     return out
 
 
+def _write_readme_section(path: str, argv, table: str) -> None:
+    start, end = "<!-- digits:start -->", "<!-- digits:end -->"
+    with open(path) as f:
+        text = f.read()
+    if start not in text or end not in text:
+        print(f"{path}: no {start} ... {end} markers; not updated", file=sys.stderr)
+        return
+    args = [x for x in (sys.argv[1:] if argv is None else argv)]
+    cmd = "python -m ltkernels.train.compare " + " ".join(args)
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{start}\n```\n$ {cmd}\n{table}\n```\n{end}{tail}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ltkernels.train.compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (e.g. 0,1,2)")
     ap.add_argument("--out", default="runs/compare", help="output root (default: %(default)s)")
     ap.add_argument("--json", default=None, help="also write all summaries to this JSON file")
+    ap.add_argument("--readme", default=None,
+                    help="also write the table (and this command) between the <!-- digits:start/end --> markers of "
+                         "this Markdown file")
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     a = ap.parse_args(argv)
     from .config import ConfigError, build_config
@@ -75,7 +93,10 @@ def main(argv=None) -> int:
            f"medium {thresholds['few']}-{thresholds['many']}, few < {thresholds['few']} training images; "
            f"total wall {wall:.0f} s")
     print()
-    print(format_table(rows, COLS, extra_header=hdr))
+    table = format_table(rows, COLS, extra_header=hdr)
+    print(table)
+    if a.readme:
+        _write_readme_section(a.readme, argv, table)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows, "runs": allres, "wall_s": wall, "times": times}, f, indent=1, default=float)
