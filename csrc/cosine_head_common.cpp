@@ -85,7 +85,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
                                                                const at::Tensor& features, const at::Tensor& weight,
                                                                const at::Tensor& feature_norm,
                                                                const at::Tensor& weight_norm, double eps,
-                                                               bool need_features, bool need_weight, int64_t path) {
+                                                               bool need_features, bool need_weight, int64_t path,
+                                                               const std::optional<at::Tensor>& logits) {
   static const char* op = "cosine_logits_backward";
   check_operands(features, weight, eps, op);
   const int64_t N = features.size(0), D = features.size(1), C = weight.size(1);
@@ -105,22 +106,46 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
 
   // Path 1: one (N, C) temporary G2 = grad / |x_i| / |w_j| and both GEMMs on the raw operands.
   // Path 2: the normalised operands V = W / |w_j| (for dx) and U = x / |x_i| (for dW) as temporaries.
-  // Pick the one that writes fewer elements.
+  // Path 0 picks the one that writes fewer elements; given the forward's logits it is path 1 with the
+  // tangent dot products taken from sum_j grad_ij logits_ij (no dot-product pass over x or W).
   const int64_t cost_g2 = N * C;
   const int64_t cost_uv = (need_features ? D * C : 0) + (need_weight ? N * D : 0);
-  const bool use_g2 = path == 1 || (path == 0 && cost_g2 <= cost_uv);
+  const bool has_logits = logits.has_value() && logits->defined();
+  const bool use_g2 = path == 1 || (path == 0 && (has_logits || cost_g2 <= cost_uv));
   const at::Tensor none;
+  at::Tensor x_dots, w_dots;
+  if (has_logits && use_g2) {
+    TORCH_CHECK_VALUE(logits->sizes() == grad.sizes(), op, ": logits must have grad's shape ", grad.sizes(),
+                      ", got ", logits->sizes());
+    TORCH_CHECK_VALUE(logits->device() == grad.device() && logits->scalar_type() == grad.scalar_type(), op,
+                      ": logits must be on grad's device with grad's dtype");
+    at::Tensor g2 = at::empty({N, C}, features.options());
+    if (need_features) x_dots = at::empty({N}, features.options());
+    if (need_weight) w_dots = at::empty({C}, features.options());
+    dev.scale_dots(grad, logits->contiguous(), xn, wn, eps, g2, x_dots, w_dots);
+    if (need_features) {
+      at::Tensor p = x.transposed ? at::mm(w.logical(), g2.t()) : at::mm(g2, w.logical().t());
+      dev.tangent(p, x.phys, x.vec_rows, xn, eps, /*prescaled=*/true, none, x_dots);
+      gx = x.to_logical(p);
+    }
+    if (need_weight) {
+      at::Tensor p = w.transposed ? at::mm(g2.t(), x.logical()) : at::mm(x.logical().t(), g2);
+      dev.tangent(p, w.phys, w.vec_rows, wn, eps, /*prescaled=*/true, none, w_dots);
+      gw = w.to_logical(p);
+    }
+    return {gx, gw};
+  }
   if (use_g2) {
     at::Tensor g2 = at::empty({N, C}, features.options());
     dev.scale(grad, xn, wn, eps, g2);
     if (need_features) {
       at::Tensor p = x.transposed ? at::mm(w.logical(), g2.t()) : at::mm(g2, w.logical().t());
-      dev.tangent(p, x.phys, x.vec_rows, xn, eps, /*prescaled=*/true, none);
+      dev.tangent(p, x.phys, x.vec_rows, xn, eps, /*prescaled=*/true, none, none);
       gx = x.to_logical(p);
     }
     if (need_weight) {
       at::Tensor p = w.transposed ? at::mm(g2.t(), x.logical()) : at::mm(x.logical().t(), g2);
-      dev.tangent(p, w.phys, w.vec_rows, wn, eps, /*prescaled=*/true, none);
+      dev.tangent(p, w.phys, w.vec_rows, wn, eps, /*prescaled=*/true, none, none);
       gw = w.to_logical(p);
     }
   } else {
@@ -129,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
       dev.scale(w.phys, w.vec_rows ? wn : none, w.vec_rows ? none : wn, eps, v);
       const at::Tensor vl = w.to_logical(v);
       at::Tensor p = x.transposed ? at::mm(vl, grad.t()) : at::mm(grad, vl.t());
-      dev.tangent(p, x.phys, x.vec_rows, xn, eps, /*prescaled=*/false, none);
+      dev.tangent(p, x.phys, x.vec_rows, xn, eps, /*prescaled=*/false, none, none);
       gx = x.to_logical(p);
     }
     if (need_weight) {
@@ -137,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
       dev.scale(x.phys, x.vec_rows ? xn : none, x.vec_rows ? none : xn, eps, u);
       const at::Tensor ul = x.to_logical(u);
       at::Tensor p = w.transposed ? at::mm(grad.t(), ul) : at::mm(ul.t(), grad);
-      dev.tangent(p, w.phys, w.vec_rows, wn, eps, /*prescaled=*/false, none);
+      dev.tangent(p, w.phys, w.vec_rows, wn, eps, /*prescaled=*/false, none, none);
       gw = w.to_logical(p);
     }
   }
@@ -165,9 +190,39 @@ void cosine_scale_impl(const CosineDeviceOps& dev, const at::Tensor& self, const
   }
 }
 
+std::tuple<at::Tensor, at::Tensor> cosine_grad_prep_impl(const CosineDeviceOps& dev, const at::Tensor& grad,
+                                                         const at::Tensor& logits, const at::Tensor& row_norm,
+                                                         const at::Tensor& col_norm, double eps) {
+  static const char* op = "cosine_grad_prep_";
+  TORCH_CHECK_VALUE(grad.dim() == 2, op, ": grad must be 2-D, got shape ", grad.sizes());
+  check_float(grad, op, "grad");
+  TORCH_CHECK_VALUE(logits.sizes() == grad.sizes(), op, ": logits must have grad's shape ", grad.sizes(), ", got ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(logits.device() == grad.device(), op, ": logits are on ", logits.device(), " but grad is on ",
+                    grad.device());
+  TORCH_CHECK_TYPE(logits.scalar_type() == grad.scalar_type(), op, ": logits must have dtype ", grad.scalar_type(),
+                   ", got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
+  at::assert_no_internal_overlap(grad);
+  at::assert_no_overlap(grad, logits);
+  const at::Tensor rn = checked_vector(row_norm, grad.size(0), grad, op, "row_norm");
+  const at::Tensor cn = checked_vector(col_norm, grad.size(1), grad, op, "col_norm");
+  at::Tensor rd = at::empty({grad.size(0)}, grad.options()), cd = at::empty({grad.size(1)}, grad.options());
+  const at::Tensor c = logits.contiguous();
+  if (grad.is_contiguous()) {
+    at::Tensor g = grad;
+    dev.scale_dots(g, c, rn, cn, eps, g, rd, cd);
+  } else {
+    at::Tensor tmp = at::empty(grad.sizes(), grad.options());
+    dev.scale_dots(grad, c, rn, cn, eps, tmp, rd, cd);
+    const_cast<at::Tensor&>(grad).copy_(tmp);
+  }
+  return {rd, cd};
+}
+
 void cosine_tangent_impl(const CosineDeviceOps& dev, const at::Tensor& grad, const at::Tensor& vectors,
                          const at::Tensor& norm, double eps, int64_t dim, bool prescaled,
-                         const std::optional<at::Tensor>& scale) {
+                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& dots) {
   static const char* op = "cosine_tangent_";
   TORCH_CHECK_VALUE(grad.dim() == 2, op, ": grad must be 2-D, got shape ", grad.sizes());
   TORCH_CHECK_VALUE(vectors.sizes() == grad.sizes(), op, ": vectors must have grad's shape ", grad.sizes(),
@@ -190,18 +245,20 @@ void cosine_tangent_impl(const CosineDeviceOps& dev, const at::Tensor& grad, con
                       grad.device());
     s = scale->to(grad.scalar_type()).reshape({1}).contiguous();
   }
+  const at::Tensor d = (dots.has_value() && dots->defined()) ? checked_vector(*dots, n_vec, grad, op, "dots")
+                                                              : at::Tensor();
   at::assert_no_internal_overlap(grad);
   at::assert_no_overlap(grad, vectors);
   at::Tensor& g = const_cast<at::Tensor&>(grad);
   if (g.is_contiguous()) {
     at::Tensor p = g;
-    dev.tangent(p, vectors.contiguous(), along_rows, nrm, eps, prescaled, s);
+    dev.tangent(p, vectors.contiguous(), along_rows, nrm, eps, prescaled, s, d);
   } else if (g.t().is_contiguous()) {
     at::Tensor p = g.t();
-    dev.tangent(p, vectors.t().contiguous(), !along_rows, nrm, eps, prescaled, s);
+    dev.tangent(p, vectors.t().contiguous(), !along_rows, nrm, eps, prescaled, s, d);
   } else {
     at::Tensor p = g.contiguous();
-    dev.tangent(p, vectors.contiguous(), along_rows, nrm, eps, prescaled, s);
+    dev.tangent(p, vectors.contiguous(), along_rows, nrm, eps, prescaled, s, d);
     g.copy_(p);
   }
 }
@@ -211,7 +268,10 @@ namespace {
 // Autograd of cosine_logits in C++ (a Python register_autograd costs ~100 us per step, which is more
 // than the whole head at small shapes). Both directions go through the dispatcher, so FakeTensor /
 // torch.compile tracing sees the ops (fake kernels in ltkernels/cosine.py). The norms are returned for
-// convenience and are not differentiable.
+// convenience and are not differentiable. When N <= D (the logits are no larger than the weight) the
+// logits are kept for the backward, whose tangent projections then need no dot-product pass over the
+// (D, C) weight (cosine_logits_backward's `logits`); modifying them in place before backward is then an
+// error, as for any op that saves its output.
 class CosineLogitsFunction : public torch::autograd::Function<CosineLogitsFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& features,
@@ -222,7 +282,8 @@ class CosineLogitsFunction : public torch::autograd::Function<CosineLogitsFuncti
             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, xn, wn] = op.call(features, weight, eps);
-    ctx->save_for_backward({features, weight, xn, wn});
+    const bool keep_logits = features.size(0) <= features.size(1);
+    ctx->save_for_backward({features, weight, xn, wn, keep_logits ? out : at::Tensor()});
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({xn, wn});
     return {out, xn, wn};
@@ -234,12 +295,13 @@ class CosineLogitsFunction : public torch::autograd::Function<CosineLogitsFuncti
                                .findSchemaOrThrow("ltkernels::cosine_logits_backward", "")
                                .typed<std::tuple<at::Tensor, at::Tensor>(
                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, double, bool, bool, int64_t)>();
+                                   const at::Tensor&, double, bool, bool, int64_t, const std::optional<at::Tensor>&)>();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     if (!grads[0].defined() || !(need_x || need_w)) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> logits = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
     auto [gx, gw] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["eps"].toDouble(),
-                            need_x, need_w, 0);
+                            need_x, need_w, 0, logits);
     return {need_x ? gx : at::Tensor(), need_w ? gw : at::Tensor(), at::Tensor()};
   }
 };

@@ -20,11 +20,18 @@ struct CosineDeviceOps {
   // itself; rn / cn undefined means "no scaling along that dimension".
   virtual void scale(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
                      at::Tensor& out) const = 0;
+  // Like scale(), and also the row and column sums of src * c (c contiguous, src's shape; row_dots / col_dots
+  // undefined when not wanted). With c the forward's cosines and src the logit gradient G these are the
+  // dot products the tangent projections need: x_i · (G2 W^T)_i = sum_j G_ij c_ij and
+  // w_j · (x^T G2)_j = sum_i G_ij c_ij for G2 = G / |x_i| / |w_j|, so no pass over the (D, C) weight.
+  virtual void scale_dots(const at::Tensor& src, const at::Tensor& c, const at::Tensor& rn, const at::Tensor& cn,
+                          double eps, at::Tensor& out, at::Tensor& row_dots, at::Tensor& col_dots) const = 0;
   // In place on g (contiguous, x's shape, x contiguous), per vector k (ltk/cosine_head.h):
   //   g_k <- alpha_k (g_k - c_k x_k),  c_k = [n_k >= eps] (x_k · g_k) / n_k^2,
   //   alpha_k = s (prescaled) or s / max(n_k, eps);  s = *scale (a one-element tensor) or 1 if undefined.
+  // dots: the x_k · g_k if already known (one value per vector), else undefined (computed here).
   virtual void tangent(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
-                       bool prescaled, const at::Tensor& scale) const = 0;
+                       bool prescaled, const at::Tensor& scale, const at::Tensor& dots) const = 0;
 };
 
 const CosineDeviceOps& cosine_cpu_ops();
@@ -37,11 +44,15 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
                                                                const at::Tensor& features, const at::Tensor& weight,
                                                                const at::Tensor& feature_norm,
                                                                const at::Tensor& weight_norm, double eps,
-                                                               bool need_features, bool need_weight, int64_t path);
+                                                               bool need_features, bool need_weight, int64_t path,
+                                                               const std::optional<at::Tensor>& logits);
 void cosine_scale_impl(const CosineDeviceOps& dev, const at::Tensor& self, const std::optional<at::Tensor>& row_norm,
                        const std::optional<at::Tensor>& col_norm, double eps);
+std::tuple<at::Tensor, at::Tensor> cosine_grad_prep_impl(const CosineDeviceOps& dev, const at::Tensor& grad,
+                                                         const at::Tensor& logits, const at::Tensor& row_norm,
+                                                         const at::Tensor& col_norm, double eps);
 void cosine_tangent_impl(const CosineDeviceOps& dev, const at::Tensor& grad, const at::Tensor& vectors,
                          const at::Tensor& norm, double eps, int64_t dim, bool prescaled,
-                         const std::optional<at::Tensor>& scale);
+                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& dots);
 
 }  // namespace ltk

@@ -29,17 +29,25 @@ TORCH_LIBRARY(ltkernels, m) {
   // logits = normalize(features, dim=1) @ normalize(weight, dim=0), weight (D, C), F.normalize eps semantics.
   // Returns (logits, |features_i|, |weight_j|), the norms raw (not clamped). The backward gives (grad_features,
   // grad_weight), each empty when not needed; path 0 picks its temporaries by size, 1 / 2 force one (tests).
+  // `logits` (the forward's output) lets the backward take the tangent dot products from sum grad * logits.
   // cosine_scale_: self[i, j] /= max(row_norm[i], eps) max(col_norm[j], eps) (the forward's epilogue).
+  // cosine_grad_prep_: the same on a logit gradient, returning the row / column sums of grad * logits
+  // (before scaling), the tangent dot products of both operands.
   // cosine_tangent_: grad <- s (grad - proj_x grad) / max(|x|, eps) per vector of `vectors` along dim
-  // (without the division when prescaled), the backward's epilogue; scale s: a one-element tensor or None.
+  // (without the division when prescaled), the backward's epilogue; scale s: a one-element tensor or None;
+  // dots: the vectors' x · grad if known.
   m.def("cosine_logits(Tensor features, Tensor weight, float eps=1e-12) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cosine_logits_backward(Tensor grad, Tensor features, Tensor weight, Tensor feature_norm, "
-      "Tensor weight_norm, float eps, bool need_features, bool need_weight, int path=0) -> (Tensor, Tensor)");
+      "Tensor weight_norm, float eps, bool need_features, bool need_weight, int path=0, Tensor? logits=None) "
+      "-> (Tensor, Tensor)");
   m.def("cosine_scale_(Tensor(a!) self, Tensor? row_norm, Tensor? col_norm, float eps=1e-12) -> ()");
   m.def(
+      "cosine_grad_prep_(Tensor(a!) grad, Tensor logits, Tensor row_norm, Tensor col_norm, float eps=1e-12) "
+      "-> (Tensor, Tensor)");
+  m.def(
       "cosine_tangent_(Tensor(a!) grad, Tensor vectors, Tensor norm, float eps, int dim, bool prescaled, "
-      "Tensor? scale=None) -> ()");
+      "Tensor? scale=None, Tensor? dots=None) -> ()");
   // Hyperspherical uniformity of the normalised class weights (RECONSTRUCTED FROM THE ABSTRACT of Gao et al.,
   // CAAI TIT 2025; ltk/uniformity.h, cpu/uniformity_cpu.cpp, cuda/uniformity_*): weight (C, D) rows,
   // kernel 0 gaussian log mean exp(-param d^2), 1 riesz mean d^-param, 2 log mean -log d, over pairs j != k,

@@ -58,7 +58,7 @@ def _cosine_logits_fake(features, weight, eps=EPS):
 
 @torch.library.register_fake("ltkernels::cosine_logits_backward")
 def _cosine_logits_backward_fake(grad, features, weight, feature_norm, weight_norm, eps, need_features,
-                                 need_weight, path=0):
+                                 need_weight, path=0, logits=None):
     gx = _empty_like_layout(features) if need_features else features.new_empty((0,))
     gw = _empty_like_layout(weight) if need_weight else features.new_empty((0,))
     return gx, gw
@@ -69,8 +69,13 @@ def _cosine_scale_fake(self, row_norm, col_norm, eps=EPS):
     return None
 
 
+@torch.library.register_fake("ltkernels::cosine_grad_prep_")
+def _cosine_grad_prep_fake(grad, logits, row_norm, col_norm, eps=EPS):
+    return grad.new_empty((grad.shape[0],)), grad.new_empty((grad.shape[1],))
+
+
 @torch.library.register_fake("ltkernels::cosine_tangent_")
-def _cosine_tangent_fake(grad, vectors, norm, eps, dim, prescaled, scale=None):
+def _cosine_tangent_fake(grad, vectors, norm, eps, dim, prescaled, scale=None, dots=None):
     return None
 
 
@@ -285,14 +290,17 @@ def _rng_state(device: torch.device, loss: nn.Module):
 def _run_chunks(x, w, wn, target, noise, loss, chunk, eps, need_x, need_w, row_grad=None, rng=None):
     """One pass over the row chunks.
 
-    Returns (sum or per-row losses, kind, denominator, x norms, rng states, gx, gw). When gradients are
+    Returns (sum or per-row losses, kind, denominator, x norms, rng states, (gx, x dots), (gw, w dots)).
+    When gradients are
     wanted (need_x / need_w, and for per-row losses only with ``row_grad``), each chunk's logit gradient
     G becomes *prescaled* GEMM accumulations ``gx rows = (G / |x_i| / |w_j|) W^T`` and
     ``gw += x^T (G / |x_i| / |w_j|)``; the caller applies the tangent projections (and any scale).
-    ``rng``: per-chunk random-number states to replay (the recomputation of reduction 'none')."""
+    ``rng``: per-chunk random-number states to replay (the recomputation of reduction 'none').
+    The tangent dot products come with the gradient: ``xd[i] = sum_j G_ij c_ij`` and
+    ``wd[j] = sum_i G_ij c_ij`` (cosine_grad_prep_), so the projections need no extra pass."""
     n = x.shape[0]
     parts, denom, kind = [], None, None
-    gx = gw = None
+    gx = gw = xd = wd = None
     xn_all = torch.empty(n, dtype=x.dtype, device=x.device)
     states = []
     cuda_devices = [x.device] if x.device.type == "cuda" else []
@@ -315,41 +323,47 @@ def _run_chunks(x, w, wn, target, noise, loss, chunk, eps, need_x, need_w, row_g
                     loss.generator.set_state(rng[k][2])
             track = need_x or need_w
             with torch.set_grad_enabled(track):
-                cos.requires_grad_(track)
-                val, kind_c, den_c = _call_chunk(loss, cos, tc, nc)
+                leaf = cos.detach().requires_grad_(track)
+                val, kind_c, den_c = _call_chunk(loss, leaf, tc, nc)
         if kind is not None and kind_c != kind:
             raise RuntimeError("cosine_head_loss: the loss changed its reduction between chunks")
         kind = kind_c
         g = None
         if track and (kind != "none" or row_grad is not None):
             go = row_grad[r0:r1].to(val.dtype) if kind == "none" else None
-            (g,) = torch.autograd.grad(val, cos, grad_outputs=go)
+            (g,) = torch.autograd.grad(val, leaf, grad_outputs=go)
         val = val.detach()
-        del cos
+        del leaf
         if den_c is not None:
             denom = den_c if denom is None else denom + den_c
         parts.append(val)
         if g is not None:
             if not g.is_contiguous():
                 g = g.contiguous()
-            ops.cosine_scale_(g, xnc, wn, eps)  # G / |x_i| / |w_j|, in place (g is ours)
+            # G / |x_i| / |w_j| in place (g is ours), and the tangent dot products from G * c
+            rdc, cdc = ops.cosine_grad_prep_(g, cos, xnc, wn, eps)
             if need_x:
                 if gx is None:
                     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+                    xd = torch.empty(n, dtype=x.dtype, device=x.device)
                 torch.mm(g, w.t(), out=gx[r0:r1])
+                xd[r0:r1] = rdc
             if need_w:
                 if gw is None:
                     gw = _weight_grad_buffer(w)
+                    wd = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
                 if gw.is_contiguous():
                     gw.addmm_(xc.t(), g)
                 else:  # (C, D) storage: accumulate G^T x into it
                     gw.t().addmm_(g.t(), xc)
+                wd += cdc
             del g
+        del cos
     if kind == "none":
         total = torch.cat(parts)
     else:
         total = torch.stack(parts).sum()
-    return total, kind, denom, xn_all, states, gx, gw
+    return total, kind, denom, xn_all, states, (gx, xd), (gw, wd)
 
 
 def _finish(total, kind, denom, n):
@@ -379,7 +393,7 @@ class _HeadLossFn(torch.autograd.Function):
             ctx.states = states
             ctx.save_for_backward(x, w, wn, target, noise)
         else:
-            ctx.save_for_backward(x, w, wn, xn, gx, gw, denom)
+            ctx.save_for_backward(x, w, wn, xn, gx[0], gx[1], gw[0], gw[1], denom)
         return _finish(total, kind, denom, n)
 
     @staticmethod
@@ -387,24 +401,24 @@ class _HeadLossFn(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.kind == "none":
             x, w, wn, target, noise = ctx.saved_tensors
-            _, _, _, xn, _, gx, gw = _run_chunks(x, w, wn, target, noise, ctx.loss, ctx.chunk, ctx.eps, need_x,
-                                                 need_w, row_grad=grad_out, rng=ctx.states)
+            _, _, _, xn, _, (gx, xd), (gw, wd) = _run_chunks(x, w, wn, target, noise, ctx.loss, ctx.chunk, ctx.eps,
+                                                             need_x, need_w, row_grad=grad_out, rng=ctx.states)
             scale = None
         else:
             if ctx.done:
                 raise RuntimeError("cosine_head_loss: backward through the same chunked loss twice is not supported "
                                    "(its gradients are finished in place); recompute the loss instead")
             ctx.done = True
-            x, w, wn, xn, gx, gw, denom = ctx.saved_tensors
+            x, w, wn, xn, gx, xd, gw, wd, denom = ctx.saved_tensors
             scale = grad_out.to(x.dtype)
             if ctx.kind == "mean":
                 scale = scale / denom
             elif ctx.kind == "batch":
                 scale = scale / ctx.n
         if need_x:
-            ops.cosine_tangent_(gx, x, xn, ctx.eps, 1, True, scale)
+            ops.cosine_tangent_(gx, x, xn, ctx.eps, 1, True, scale, xd)
         if need_w:
-            ops.cosine_tangent_(gw, w, wn, ctx.eps, 0, True, scale)
+            ops.cosine_tangent_(gw, w, wn, ctx.eps, 0, True, scale, wd)
         return gx, gw, None, None, None, None, None
 
 
@@ -463,6 +477,6 @@ def cosine_head_loss(features: Tensor, weight: Tensor, target: Tensor, loss: nn.
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return _HeadLossFn.apply(x, w, target, noise, loss, chunk, float(eps))
     with torch.no_grad():
-        total, kind, denom, _, _, _, _ = _run_chunks(x, w, torch.linalg.vector_norm(w, dim=0), target, noise,
+        total, kind, denom, *_ = _run_chunks(x, w, torch.linalg.vector_norm(w, dim=0), target, noise,
                                                      loss, chunk, float(eps), False, False)
     return _finish(total, kind, denom, n)

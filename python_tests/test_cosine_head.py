@@ -89,15 +89,22 @@ def test_backward_paths_and_layouts(dtype, path, x_t, w_t):
     assert only_x[1].numel() == 0 and only_w[0].numel() == 0
     close(only_x[0], ex, dtype, "dx alone")
     close(only_w[1], ew, dtype, "dW alone")
+    # with the forward's logits: the tangent dot products come from sum(grad * logits)
+    for gg in (g, g.t().contiguous().t()):
+        lx, lw = ops.cosine_logits_backward(gg, x, w, xn, wn, 1e-12, True, True, 0, out)
+        close(lx, ex, dtype, "dx (logits)")
+        close(lw, ew, dtype, "dW (logits)")
+        assert lx.stride() == gx.stride() and lw.stride() == gw.stride()
 
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_zero_and_tiny_vectors_like_normalize(device, dtype):
+@pytest.mark.parametrize("shape", [(8, 5, 6), (4, 9, 6)])  # N > D, and N <= D (backward uses the logits)
+def test_zero_and_tiny_vectors_like_normalize(device, dtype, shape):
     """Zero feature rows / weight columns, and vectors below the eps, behave like F.normalize in value
     and gradient (x / eps, no projection); vectors just above it get the projection."""
     gen = torch.Generator().manual_seed(3)
-    x, w = _operands(8, 5, 6, dtype, device, gen)
+    x, w = _operands(*shape, dtype, device, gen)
     with torch.no_grad():
         x[0].zero_()
         x[1] *= 1e-14  # below eps = 1e-12
@@ -200,6 +207,55 @@ def test_opcheck():
                           (torch.randn_like(w), w, wn, 1e-12, 0, True, torch.tensor(0.5, dtype=torch.float64)))
     torch.library.opcheck(ops.cosine_tangent_.default, (torch.randn_like(x), x, xn, 1e-12, 1, False, None),
                           test_utils=fake_only)
+    out = ops.cosine_logits(x, w)[0]
+    torch.library.opcheck(ops.cosine_logits_backward.default, (g, x, w, xn, wn, 1e-12, True, True, 0, out),
+                          test_utils=fake_only)
+    torch.library.opcheck(ops.cosine_grad_prep_.default, (g.clone(), out, xn, wn, 1e-12))
+    torch.library.opcheck(ops.cosine_tangent_.default,
+                          (torch.randn_like(w), w, wn, 1e-12, 0, True, None, torch.randn(7, dtype=torch.float64)),
+                          test_utils=fake_only)
+
+
+def test_grad_prep_and_tangent_with_dots():
+    """cosine_grad_prep_ scales the logit gradient like cosine_scale_ and returns the row / column sums
+    of grad * logits, which are exactly the tangent dot products x_i . (G2 W^T)_i and w_j . (x^T G2)_j."""
+    dtype = torch.float64
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 5, dtype=dtype, generator=gen)
+    w = torch.randn(5, 9, dtype=dtype, generator=gen)
+    with torch.no_grad():
+        x[1].zero_()
+        w[:, 2].zero_()
+    out, xn, wn = ops.cosine_logits(x, w)
+    g = torch.randn(7, 9, dtype=dtype, generator=gen)
+    for gg in (g.clone(), g.t().contiguous().t()):
+        rd, cd = ops.cosine_grad_prep_(gg, out, xn, wn)
+        close(rd, (g * out).sum(1), dtype, "row sums")
+        close(cd, (g * out).sum(0), dtype, "column sums")
+        g2 = g.clone()
+        ops.cosine_scale_(g2, xn, wn)
+        close(gg, g2, dtype, "scaled")
+        close(rd, (x * (gg @ w.t())).sum(1), dtype, "x dots")
+        close(cd, (w * (x.t() @ gg)).sum(0), dtype, "w dots")
+    for dim, (grad, vec, n, d) in enumerate([(x.t() @ gg, w, wn, cd), (gg @ w.t(), x, xn, rd)]):
+        a, b = grad.clone(), grad.clone()
+        s = torch.tensor(0.7, dtype=dtype)
+        ops.cosine_tangent_(a, vec, n, 1e-12, dim, True, s)
+        ops.cosine_tangent_(b, vec, n, 1e-12, dim, True, s, d)
+        close(b, a, dtype, f"tangent with dots, dim={dim}")
+
+
+def test_saved_logits_modified_in_place_is_an_error():
+    x = torch.randn(3, 8, requires_grad=True)  # N <= D: the logits are kept for the backward
+    w = torch.randn(8, 4, requires_grad=True)
+    out = cosine_logits(x, w)
+    out.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    x2 = torch.randn(9, 2, requires_grad=True)  # N > D: nothing saved, in-place use is fine
+    out = cosine_logits(x2, torch.randn(2, 4, requires_grad=True))
+    out.mul_(2.0)
+    out.sum().backward()
 
 
 def test_compile_fullgraph_normed_linear():

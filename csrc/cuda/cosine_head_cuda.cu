@@ -36,9 +36,41 @@ struct CudaCosineOps final : CosineDeviceOps {
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  void tangent(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
-               bool prescaled, const at::Tensor& scale) const override {
+  void scale_dots(const at::Tensor& src, const at::Tensor& c, const at::Tensor& rn, const at::Tensor& cn, double eps,
+                  at::Tensor& out, at::Tensor& row_dots, at::Tensor& col_dots) const override {
+    // Sums first (they read src before an in-place scale overwrites it), then the scale.
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const at::Tensor a = src.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cosine_scale_dots_cuda", [&] {
+      if (row_dots.defined()) {
+        cosine_cuda::launch_vec_dot<scalar_t>(a.size(0), a.size(1), a.const_data_ptr<scalar_t>(),
+                                              c.const_data_ptr<scalar_t>(), true, false,
+                                              row_dots.mutable_data_ptr<scalar_t>(), stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (col_dots.defined()) {
+        cosine_cuda::launch_vec_dot<scalar_t>(a.size(0), a.size(1), a.const_data_ptr<scalar_t>(),
+                                              c.const_data_ptr<scalar_t>(), false, false,
+                                              col_dots.mutable_data_ptr<scalar_t>(), stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    scale(src, rn, cn, eps, out);
+  }
+  void tangent(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
+               bool prescaled, const at::Tensor& scale, const at::Tensor& dots) const override {
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    if (dots.defined()) {
+      AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cosine_tangent_dots_cuda", [&] {
+        cosine_cuda::launch_tangent_dots<scalar_t>(g.size(0), g.size(1), g.mutable_data_ptr<scalar_t>(),
+                                                   x.const_data_ptr<scalar_t>(), vec_rows,
+                                                   norm.const_data_ptr<scalar_t>(), dots.const_data_ptr<scalar_t>(),
+                                                   static_cast<scalar_t>(eps), prescaled, opt_ptr<scalar_t>(scale),
+                                                   stream);
+      });
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     at::Tensor ws = vec_rows ? at::Tensor() : at::empty({g.size(1)}, g.options());
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cosine_tangent_cuda", [&] {
       cosine_cuda::launch_tangent<scalar_t>(g.size(0), g.size(1), g.mutable_data_ptr<scalar_t>(),
@@ -66,19 +98,25 @@ TORCH_LIBRARY_IMPL(ltkernels, CUDA, m) {
   m.impl("cosine_logits_backward",
          [](const at::Tensor& grad, const at::Tensor& features, const at::Tensor& weight,
             const at::Tensor& feature_norm, const at::Tensor& weight_norm, double eps, bool need_features,
-            bool need_weight, int64_t path) {
+            bool need_weight, int64_t path, const std::optional<at::Tensor>& logits) {
            const c10::cuda::CUDAGuard guard(features.device());
            return ltk::cosine_logits_backward_impl(ltk::cuda_ops(), grad, features, weight, feature_norm, weight_norm,
-                                                   eps, need_features, need_weight, path);
+                                                   eps, need_features, need_weight, path, logits);
          });
+  m.impl("cosine_grad_prep_", [](const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& row_norm,
+                                 const at::Tensor& col_norm, double eps) {
+    const c10::cuda::CUDAGuard guard(grad.device());
+    return ltk::cosine_grad_prep_impl(ltk::cuda_ops(), grad, logits, row_norm, col_norm, eps);
+  });
   m.impl("cosine_scale_", [](const at::Tensor& self, const std::optional<at::Tensor>& row_norm,
                              const std::optional<at::Tensor>& col_norm, double eps) {
     const c10::cuda::CUDAGuard guard(self.device());
     ltk::cosine_scale_impl(ltk::cuda_ops(), self, row_norm, col_norm, eps);
   });
   m.impl("cosine_tangent_", [](const at::Tensor& grad, const at::Tensor& vectors, const at::Tensor& norm,
-                               double eps, int64_t dim, bool prescaled, const std::optional<at::Tensor>& scale) {
+                               double eps, int64_t dim, bool prescaled, const std::optional<at::Tensor>& scale,
+                               const std::optional<at::Tensor>& dots) {
     const c10::cuda::CUDAGuard guard(grad.device());
-    ltk::cosine_tangent_impl(ltk::cuda_ops(), grad, vectors, norm, eps, dim, prescaled, scale);
+    ltk::cosine_tangent_impl(ltk::cuda_ops(), grad, vectors, norm, eps, dim, prescaled, scale, dots);
   });
 }

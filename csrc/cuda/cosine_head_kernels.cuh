@@ -10,6 +10,8 @@
 //                   row vectors: one warp per row (dot product, then the update while the row is cached);
 //                   column vectors: a column-dot kernel into `workspace` (n_vec values), then an
 //                   elementwise update.
+//   launch_tangent_dots  the same when the dot products x_k · g_k are already known (from the logits:
+//                   sum_j G_ij c_ij, see cosine_head_op.h): column vectors need only the elementwise update.
 // Shapes are int64; every kernel uses grid-stride loops, so any grid size is valid and all launches of
 // an empty problem are skipped.
 #pragma once
@@ -193,6 +195,23 @@ void launch_tangent(int64_t rows, int64_t cols, T* g, const T* x, bool vec_rows,
                     static_cast<unsigned>(rows < kMaxGridY ? rows : kMaxGridY));
     LTK_LAUNCH(col_tangent_kernel<T>, grid, dim3(kEwThreads), 0, stream, rows, cols, g, x, norm,
                static_cast<const T*>(workspace), eps, int(prescaled), scale);
+  }
+}
+
+// launch_tangent with known dot products `dots` (one per vector). Row vectors recompute them in the same
+// warp pass (free: the row is read anyway); column vectors skip the column-dot kernel.
+template <typename T>
+void launch_tangent_dots(int64_t rows, int64_t cols, T* g, const T* x, bool vec_rows, const T* norm, const T* dots,
+                         T eps, bool prescaled, const T* scale, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  if (vec_rows) {
+    LTK_LAUNCH(row_tangent_kernel<T>, dim3(grid_for(rows, kRowsPerBlock, kMaxGridX)), dim3(kRowThreads), 0, stream,
+               rows, cols, g, x, norm, eps, int(prescaled), scale);
+  } else {
+    const dim3 grid(grid_for(cols, kEwThreads, kMaxGridX),
+                    static_cast<unsigned>(rows < kMaxGridY ? rows : kMaxGridY));
+    LTK_LAUNCH(col_tangent_kernel<T>, grid, dim3(kEwThreads), 0, stream, rows, cols, g, x, norm, dots, eps,
+               int(prescaled), scale);
   }
 }
 
