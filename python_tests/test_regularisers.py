@@ -10,7 +10,7 @@ import torch
 
 from ltkernels import regularisers as R
 
-KERNELS = [("gaussian", {}), ("gaussian", {"t": 7.0}), ("riesz", {"s": 1.0}), ("riesz", {"s": 2.0}),
+KERNELS = [("gaussian", {}), ("gaussian", {"t": 7.0}), ("gaussian", {"t": 200.0}), ("riesz", {"s": 1.0}), ("riesz", {"s": 2.0}),
            ("riesz", {"s": 0.5}), ("log", {})]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -25,6 +25,14 @@ struct UniformityDeviceOps {
   // is defined. All contiguous (bi, bk).
   virtual void exp_shift(const at::Tensor& a, const at::Tensor& mI, const at::Tensor& mK, at::Tensor& prow,
                          at::Tensor& pcol) const = 0;
+  // Fixed-shift epilogue (gaussian with 4 t max|w^|^2 small enough that exp(a) cannot underflow, and riesz /
+  // log): g <- p (the gaussian's p = exp(a) is also its value term), and the tile's sums
+  //   rowsum_p[r] = sum_c p, colsum_p[c] = sum_r p (only when colsum_p is defined), rowsum_f[r] = sum_c f
+  // (riesz / log only; the gaussian's value sums are rowsum_p). `work`: a (bi, bk) scratch tile.
+  // The default composes pair_transform with ATen ops; the CPU overrides it with fused passes.
+  virtual void fixed_epilogue(at::Tensor& g, at::Tensor& work, const at::Tensor& nI, const at::Tensor& nK, bool diag,
+                              int64_t kernel, double param, double dist_eps, at::Tensor& rowsum_p,
+                              at::Tensor& colsum_p, at::Tensor& rowsum_f) const;
 };
 
 const UniformityDeviceOps& uniformity_cpu_ops();
