@@ -10,7 +10,6 @@ gradient flows back into the features.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -124,16 +123,7 @@ class FeaBalLoss(_Fused, _ref.FeaBalLoss):
     """
 
     def forward(self, input, features, target=None, curr=0.0) -> Tensor:
-        if isinstance(input, Mapping):
-            feat, logits, labels = input["feature"], input["score"], features
-            if target is not None:  # official positional form: (out, labels, curr)
-                curr = target
-        else:
-            if target is None:
-                raise ValueError("FeaBalLoss.forward(logits, features, target, curr): target missing")
-            logits, feat, labels = input, features, target
-        if feat.dim() != 2 or feat.shape[0] != logits.shape[0]:
-            raise ValueError(f"features must be (N, D) with N={logits.shape[0]}, got {tuple(feat.shape)}")
+        logits, feat, labels, curr = self._call_form(input, features, target, curr)
         norm = torch.linalg.vector_norm(feat, dim=1)
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         shift = (-float(self.lambda_) * curr) / (norm.to(acc) + 1e-12)

@@ -592,7 +592,9 @@ class FeaBalLoss(_PriorLoss):
         self.weight = weight
         self.lambda_ = lambda_
 
-    def forward(self, input, features, target=None, curr=0.0) -> Tensor:
+    @staticmethod
+    def _call_form(input, features, target, curr):
+        """(logits, features, labels, curr) from either call form, with shape checks."""
         if isinstance(input, Mapping):
             feat, logits, labels = input["feature"], input["score"], features
             if target is not None:  # official positional form: (out, labels, curr)
@@ -605,6 +607,10 @@ class FeaBalLoss(_PriorLoss):
             raise ValueError(
                 f"features must be (N, D) with N={logits.shape[0]}, got {tuple(feat.shape)}"
             )
+        return logits, feat, labels, curr
+
+    def forward(self, input, features, target=None, curr=0.0) -> Tensor:
+        logits, feat, labels, curr = self._call_form(input, features, target, curr)
         lam = self.lam_list.to(device=logits.device, dtype=logits.dtype)
         norm = torch.linalg.vector_norm(feat, dim=1).to(logits.dtype).unsqueeze(1)
         if isinstance(curr, Tensor):
