@@ -50,6 +50,8 @@ KERNEL_COVERAGE = {
     "scale_kernel": "test_cosine_scale",
     "row_tangent_kernel": "test_cosine_tangent",
     "col_tangent_kernel": "test_cosine_tangent",
+    "pair_transform_kernel": "test_uniformity_pair_transform",  # uniformity (ltkernels.regularisers)
+    "exp_shift_kernel": "test_uniformity_exp_shift",
 }
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -600,6 +602,12 @@ def test_registered_kernels_really_launch(L):
                ptr(norm), ctypes.c_double(1e-12), 0, ptr(None), ptr(out))
     L.call("ltk_emu_cosine_scale_f64", ctypes.c_longlong(6), ctypes.c_longlong(5), ptr(a), ctypes.c_longlong(5),
            ctypes.c_longlong(1), ptr(None), ptr(None), ctypes.c_double(1e-12), ptr(dst))
+    u, n3 = torch.rand(3, 3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    fu = u.clone()
+    L.call("ltk_emu_uniformity_pair_transform_f64", ctypes.c_longlong(3), ctypes.c_longlong(3), ptr(u), ptr(fu),
+           ptr(n3), ptr(n3), 1, 1, ctypes.c_double(1.0), ctypes.c_double(1e-12))
+    L.call("ltk_emu_uniformity_exp_shift_f64", ctypes.c_longlong(3), ctypes.c_longlong(3), ptr(u), ptr(n3), ptr(n3),
+           ptr(fu), ptr(None))
     launched = " ".join(r["kernel"] for r in emu.launches())
     for k in KERNEL_COVERAGE:
         assert re.search(rf"::{k}\b", launched), f"{k} was not launched by its emulation wrapper"
@@ -672,3 +680,72 @@ def test_cuda_margin_ce_matches_cpu_and_emulator(L, dtype, N, C, feat):
     for got in ((c_loss, c_grad), (e_loss, e_grad)):
         torch.testing.assert_close(got[0], r_loss, **tol, equal_nan=True)
         torch.testing.assert_close(got[1], r_grad, **tol, equal_nan=True)
+
+
+# ==== uniformity (ltkernels.regularisers; tile epilogues of csrc/cuda/uniformity_kernels.cuh) =============
+UNIF_SHAPES = [(1, 1), (2, 2), (3, 7), (9, 33), (40, 3), (5, 300), (70, 65)]
+
+
+def _unif_fn(name, dtype):
+    return f"ltk_emu_uniformity_{name}_{'f64' if dtype == torch.float64 else 'f32'}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bi,bk", UNIF_SHAPES + [(0, 3), (3, 0)])
+@pytest.mark.parametrize("kernel,param", [(0, 2.0), (1, 1.0), (1, 2.0), (1, 0.5), (2, 0.0)],
+                         ids=["gaussian", "riesz1", "riesz2", "riesz0.5", "log"])
+@pytest.mark.parametrize("diag", [False, True])
+@pytest.mark.parametrize("clamp", [0, 2], ids=["grid", "clamped_grid"])
+def test_uniformity_pair_transform(L, clamp, dtype, bi, bk, kernel, param, diag):
+    if diag and bi != bk:
+        pytest.skip("diagonal tiles are square")
+    emu.set_options(clamp_grid=clamp)
+    g = torch.Generator().manual_seed(bi * 7 + bk)
+    nI = 1.0 - 0.2 * torch.rand(bi, generator=g, dtype=dtype)
+    nK = 1.0 - 0.2 * torch.rand(bk, generator=g, dtype=dtype)
+    gram = torch.rand(bi, bk, generator=g, dtype=dtype) * 2 - 1
+    if bi and bk:
+        gram[0, 0] = (nI[0] + nK[0]) / 2  # distance 0: clamped
+    dist_eps = 1e-12
+    gbuf = guarded(gram)
+    fbuf = guarded(torch.full((bi, bk), float("nan"), dtype=dtype))
+    gnI, gnK = guarded(nI), guarded(nK)  # kept alive across the call
+    L.call(_unif_fn("pair_transform", dtype), ctypes.c_longlong(bi), ctypes.c_longlong(bk), ptr(gbuf), ptr(fbuf),
+           ptr(gnI), ptr(gnK), ctypes.c_int(int(diag)), ctypes.c_int(kernel), ctypes.c_double(param),
+           ctypes.c_double(dist_eps))
+    d2 = nI[:, None] + nK[None, :] - 2 * gram
+    x = d2.clamp_min(dist_eps)
+    eye = torch.eye(bi, bk, dtype=torch.bool) if diag else torch.zeros(bi, bk, dtype=torch.bool)
+    clamped = ~(d2 >= dist_eps)
+    if kernel == 0:
+        ref = (-param * x).masked_fill(eye, float("-inf"))
+        torch.testing.assert_close(gbuf.reshape(bi, bk), ref, **_tol(dtype))
+        return
+    f = -0.5 * x.log() if kernel == 2 else x.pow(-0.5 * param)
+    p = (torch.full_like(x, -0.5) / x) if kernel == 2 else -0.5 * param * f / x
+    p = p.masked_fill(clamped | eye, 0.0)
+    torch.testing.assert_close(fbuf.reshape(bi, bk), f.masked_fill(eye, 0.0), **_tol(dtype))
+    torch.testing.assert_close(gbuf.reshape(bi, bk), p, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bi,bk", UNIF_SHAPES + [(0, 3), (3, 0)])
+@pytest.mark.parametrize("mode", ["both", "row_only", "inplace"])
+@pytest.mark.parametrize("clamp", [0, 2], ids=["grid", "clamped_grid"])
+def test_uniformity_exp_shift(L, clamp, dtype, bi, bk, mode):
+    emu.set_options(clamp_grid=clamp)
+    g = torch.Generator().manual_seed(bi * 5 + bk)
+    a = -8 * torch.rand(bi, bk, generator=g, dtype=dtype)
+    if bi and bk:
+        a[0, 0] = float("-inf")
+    mI = -torch.rand(bi, generator=g, dtype=dtype)
+    mK = -torch.rand(bk, generator=g, dtype=dtype)
+    abuf = guarded(a)
+    prow = abuf if mode == "inplace" else guarded(torch.full((bi, bk), float("nan"), dtype=dtype))
+    pcol = None if mode == "row_only" else guarded(torch.full((bi, bk), float("nan"), dtype=dtype))
+    gmI, gmK = guarded(mI), guarded(mK)  # kept alive across the call
+    L.call(_unif_fn("exp_shift", dtype), ctypes.c_longlong(bi), ctypes.c_longlong(bk), ptr(abuf),
+           ptr(gmI), ptr(gmK), ptr(prow), ptr(pcol))
+    torch.testing.assert_close(prow.reshape(bi, bk), (a - mI[:, None]).exp(), **_tol(dtype))
+    if pcol is not None:
+        torch.testing.assert_close(pcol.reshape(bi, bk), (a - mK[None, :]).exp(), **_tol(dtype))
