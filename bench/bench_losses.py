@@ -14,13 +14,18 @@ injected noise: eager draws it with ``torch.distributions.Normal(0, 1/3)`` like 
 (part of its cost), fused draws it in-kernel.
 
 ``test_loss`` records the time (pytest-benchmark) and the peak extra memory of one step
-(``peak_memory`` fixture, see bench/conftest.py) in ``extra_info``. ``test_agree`` checks that fused
+(``peak_memory`` fixture, see bench/conftest.py) in ``extra_info``; for eager and compiled it also
+times the fused step interleaved with it (alternating rounds, min of each) and records the ratio as
+``extra_info["vs_fused_interleaved"]`` (the speedup the report shows: robust to load drift on a shared
+machine; ``--bench-interleave-time 0`` turns it off). ``test_agree`` checks that fused
 and eager agree on exactly the benchmarked inputs (GCL/GCLAng with one injected noise draw).
 """
 from __future__ import annotations
 
 import functools
 import logging
+import math
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -158,48 +163,85 @@ def _grads(tensors):
     return [t.grad for t in tensors if t is not None]
 
 
-def test_loss(benchmark, record_case, peak_memory, bench_options, case, shape, dtype, mode, impl):
-    spec = CASES[case]
-    N, C = shape
-    x, t, f = make_inputs(spec, N, C, dtype)
-    mod = build(spec, impl, C, bench_options.compile_backend)
-    call = caller(spec, mod)
-    train = mode == "fwd+bwd"
-    leaves = [x] + ([f] if f is not None else [])
-    if train:
-        for leaf in leaves:
-            leaf.requires_grad_(True)
+def _steps(call, x, t, f, leaves, train):
+    """(run, step): ``run`` is one loss (+ backward) call, ``step`` also resets the grads first."""
 
     def clear():
         for leaf in leaves:
             leaf.grad = None
 
-    if train:
-        def run():
-            call(x, t, f).backward()
-
-        def step():
-            clear()  # optimizer.zero_grad(set_to_none=True)
-            run()
-    else:
+    if not train:
         def run():
             call(x, t, f)
-        step = run
+        return run, run, clear
 
-    mem = None
+    def run():
+        call(x, t, f).backward()
+
+    def step():
+        clear()  # optimizer.zero_grad(set_to_none=True)
+        run()
+    return run, step, clear
+
+
+def interleaved_ratio(fast, slow, budget: float, min_rounds: int = 5, max_rounds: int = 400) -> dict:
+    """Time ``fast`` and ``slow`` in alternating rounds (order flipped every round) and return the
+    min per-call time of each and ``ratio = min(slow) / min(fast)``. Both see the same load drift,
+    so the ratio is far more stable on a shared machine than a ratio of two separate benchmarks."""
+    clock = time.perf_counter
+
+    def once(fn):
+        t0 = clock()
+        fn()
+        return clock() - t0
+
+    est = {fast: min(once(fast) for _ in range(2)), slow: min(once(slow) for _ in range(2))}
+    inner = {fn: max(1, math.ceil(1e-3 / max(e, 1e-7))) for fn, e in est.items()}  # >= ~1 ms per block
+    per_round = sum(est[fn] * inner[fn] for fn in est)
+    rounds = int(min(max_rounds, max(min_rounds, budget / max(per_round, 1e-9))))
+    best = {fast: math.inf, slow: math.inf}
+    for r in range(rounds):
+        for fn in ((fast, slow) if r % 2 == 0 else (slow, fast)):
+            n = inner[fn]
+            t0 = clock()
+            for _ in range(n):
+                fn()
+            best[fn] = min(best[fn], (clock() - t0) / n)
+    return {"fused_s": best[fast], "impl_s": best[slow], "ratio": best[slow] / best[fast], "rounds": rounds}
+
+
+def test_loss(benchmark, record_case, peak_memory, bench_options, case, shape, dtype, mode, impl):
+    spec = CASES[case]
+    N, C = shape
+    x, t, f = make_inputs(spec, N, C, dtype)
+    mod = build(spec, impl, C, bench_options.compile_backend)
+    train = mode == "fwd+bwd"
+    leaves = [x] + ([f] if f is not None else [])
+    if train:
+        for leaf in leaves:
+            leaf.requires_grad_(True)
+    run, step, clear = _steps(caller(spec, mod), x, t, f, leaves, train)
+
+    mem = inter = None
     if not benchmark.disabled:  # --benchmark-disable (correctness runs): one step, no profiler
         for _ in range(3 if impl == "compiled" else 2):  # warm-up: compile, first-touch pages
             step()
         clear()
         mem = peak_memory(run)
         clear()
-    loss = call(x, t, f)
+        if impl != "fused" and bench_options.interleave_time > 0:
+            _, fused_step, _ = _steps(caller(spec, build(spec, "fused", C)), x, t, f, leaves, train)
+            fused_step()
+            inter = interleaved_ratio(fused_step, step, bench_options.interleave_time)
+            clear()
+    loss = caller(spec, mod)(x, t, f)
     assert torch.isfinite(loss.detach()).all(), f"{case}: non-finite loss {loss}"
     clear()
     item = TORCH_DTYPES[dtype].itemsize
     record_case(suite=SUITE, case=case, shape=shape, dtype=dtype, mode=mode, impl=impl,
-                peak_mem_bytes=mem, nc_bytes=N * C * item, backend=bench_options.compile_backend
-                if impl == "compiled" else None)
+                peak_mem_bytes=mem, nc_bytes=N * C * item,
+                backend=bench_options.compile_backend if impl == "compiled" else None,
+                vs_fused_interleaved=inter["ratio"] if inter else None, interleaved=inter)
     benchmark(step)
 
 

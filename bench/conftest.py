@@ -9,6 +9,9 @@ Options (each also settable by an environment variable, the option wins):
                   LTK_BENCH_COMPILE  ``1``/``0``: include the torch.compile(reference) cases (default on)
   --bench-compile-backend
                   LTK_BENCH_COMPILE_BACKEND  ``inductor`` (default); ``eager`` only exercises the harness
+  --bench-interleave-time LTK_BENCH_INTERLEAVE_TIME  seconds per case for ratios measured in
+                                      alternating rounds (suites that use it; default 0.3, 0 = off)
+  --bench-threads LTK_BENCH_THREADS  torch.set_num_threads for the run (default: torch's default)
 
 Files named ``bench_*.py`` under bench/ are collected as test modules (pyproject's ``python_files``
 only lists ``test_*.py``), so ``python -m pytest bench`` runs every suite, including suites written by
@@ -85,6 +88,11 @@ def pytest_addoption(parser):
                 help="include torch.compile(reference) cases (default; env LTK_BENCH_COMPILE=1)")
     g.addoption("--bench-no-compile", dest="bench_compile", action="store_false",
                 help="skip torch.compile(reference) cases (env LTK_BENCH_COMPILE=0)")
+    g.addoption("--bench-interleave-time", type=float, default=None,
+                help="seconds per case for the interleaved fused-vs-other ratio (default 0.3, 0 = off; "
+                     "env LTK_BENCH_INTERLEAVE_TIME)")
+    g.addoption("--bench-threads", type=int, default=None,
+                help="torch.set_num_threads for the run (default: torch's default; env LTK_BENCH_THREADS)")
     g.addoption("--bench-compile-backend", default=None,
                 help="torch.compile backend for the compiled cases (default inductor; env LTK_BENCH_COMPILE_BACKEND)")
 
@@ -97,9 +105,17 @@ def pytest_configure(config):
         comp = _env_flag("LTK_BENCH_COMPILE", True)
     backend = (config.getoption("--bench-compile-backend", default=None)
                or os.environ.get("LTK_BENCH_COMPILE_BACKEND", "inductor"))
+    inter = config.getoption("--bench-interleave-time", default=None)
+    if inter is None:
+        inter = float(os.environ.get("LTK_BENCH_INTERLEAVE_TIME", "0.3"))
+    threads = config.getoption("--bench-threads", default=None) or int(os.environ.get("LTK_BENCH_THREADS", "0"))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     config.ltk_bench = SimpleNamespace(sizes=parse_sizes(sizes), dtypes=parse_dtypes(dtypes),
-                                       compile=bool(comp), compile_backend=backend,
-                                       t0=time.time(), loadavg_start=_loadavg())
+                                       compile=bool(comp), compile_backend=backend, interleave_time=inter,
+                                       threads=threads or None, t0=time.time(), loadavg_start=_loadavg())
 
 
 def _loadavg():
@@ -144,7 +160,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     if ns is not None:
         info.update(loadavg_start=ns.loadavg_start, loadavg_end=_loadavg(), wall_s=time.time() - ns.t0,
                     sizes=[f"{n}x{c}" for n, c in ns.sizes], dtypes=ns.dtypes, compile=ns.compile,
-                    compile_backend=ns.compile_backend)
+                    compile_backend=ns.compile_backend, interleave_time=ns.interleave_time)
     machine_info["ltkernels"] = info
 
 
@@ -166,7 +182,8 @@ def pytest_report_header(config):
         return None
     sizes = ",".join(f"{n}x{c}" for n, c in ns.sizes)
     return (f"ltkernels bench: sizes={sizes} dtypes={','.join(ns.dtypes)} "
-            f"compile={'on (' + ns.compile_backend + ')' if ns.compile else 'off'}")
+            f"compile={'on (' + ns.compile_backend + ')' if ns.compile else 'off'} "
+            f"interleave={ns.interleave_time}s threads={ns.threads or 'default'}")
 
 
 # ----------------------------------------------------------------------------------------------
