@@ -169,6 +169,19 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
   return {gx, gw};
 }
 
+at::Tensor cosine_norms_impl(const CosineDeviceOps& dev, const at::Tensor& m, int64_t dim) {
+  static const char* op = "cosine_norms";
+  TORCH_CHECK_VALUE(m.dim() == 2, op, ": input must be 2-D, got shape ", m.sizes());
+  check_float(m, op, "input");
+  TORCH_CHECK_VALUE(dim >= -2 && dim <= 1, op, ": dim must be 0 or 1 (the dimension the vectors lie along), got ",
+                    dim);
+  const bool along_rows = (dim < 0 ? dim + 2 : dim) == 1;
+  const Operand v = canonical(m, along_rows);
+  at::Tensor out = at::empty({along_rows ? m.size(0) : m.size(1)}, m.options());
+  dev.norms(v.phys, v.vec_rows, out);
+  return out;
+}
+
 void cosine_scale_impl(const CosineDeviceOps& dev, const at::Tensor& self, const std::optional<at::Tensor>& row_norm,
                        const std::optional<at::Tensor>& col_norm, double eps) {
   static const char* op = "cosine_scale_";

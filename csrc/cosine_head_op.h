@@ -46,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
                                                                const at::Tensor& weight_norm, double eps,
                                                                bool need_features, bool need_weight, int64_t path,
                                                                const std::optional<at::Tensor>& logits);
+at::Tensor cosine_norms_impl(const CosineDeviceOps& dev, const at::Tensor& m, int64_t dim);
 void cosine_scale_impl(const CosineDeviceOps& dev, const at::Tensor& self, const std::optional<at::Tensor>& row_norm,
                        const std::optional<at::Tensor>& col_norm, double eps);
 std::tuple<at::Tensor, at::Tensor> cosine_grad_prep_impl(const CosineDeviceOps& dev, const at::Tensor& grad,

@@ -30,6 +30,7 @@ TORCH_LIBRARY(ltkernels, m) {
   // Returns (logits, |features_i|, |weight_j|), the norms raw (not clamped). The backward gives (grad_features,
   // grad_weight), each empty when not needed; path 0 picks its temporaries by size, 1 / 2 force one (tests).
   // `logits` (the forward's output) lets the backward take the tangent dot products from sum grad * logits.
+  // cosine_norms: raw L2 norms of the vectors of a 2-D input lying along dim (dim 1: one per row).
   // cosine_scale_: self[i, j] /= max(row_norm[i], eps) max(col_norm[j], eps) (the forward's epilogue).
   // cosine_grad_prep_: the same on a logit gradient, returning the row / column sums of grad * logits
   // (before scaling), the tangent dot products of both operands.
@@ -41,6 +42,7 @@ TORCH_LIBRARY(ltkernels, m) {
       "cosine_logits_backward(Tensor grad, Tensor features, Tensor weight, Tensor feature_norm, "
       "Tensor weight_norm, float eps, bool need_features, bool need_weight, int path=0, Tensor? logits=None) "
       "-> (Tensor, Tensor)");
+  m.def("cosine_norms(Tensor input, int dim) -> Tensor");
   m.def("cosine_scale_(Tensor(a!) self, Tensor? row_norm, Tensor? col_norm, float eps=1e-12) -> ()");
   m.def(
       "cosine_grad_prep_(Tensor(a!) grad, Tensor logits, Tensor row_norm, Tensor col_norm, float eps=1e-12) "

@@ -207,6 +207,8 @@ def test_opcheck():
                           (torch.randn_like(w), w, wn, 1e-12, 0, True, torch.tensor(0.5, dtype=torch.float64)))
     torch.library.opcheck(ops.cosine_tangent_.default, (torch.randn_like(x), x, xn, 1e-12, 1, False, None),
                           test_utils=fake_only)
+    torch.library.opcheck(ops.cosine_norms.default, (w, 0))
+    torch.library.opcheck(ops.cosine_norms.default, (x.t().contiguous().t(), 1), test_utils=fake_only)
     out = ops.cosine_logits(x, w)[0]
     torch.library.opcheck(ops.cosine_logits_backward.default, (g, x, w, xn, wn, 1e-12, True, True, 0, out),
                           test_utils=fake_only)
@@ -214,6 +216,16 @@ def test_opcheck():
     torch.library.opcheck(ops.cosine_tangent_.default,
                           (torch.randn_like(w), w, wn, 1e-12, 0, True, None, torch.randn(7, dtype=torch.float64)),
                           test_utils=fake_only)
+
+
+def test_cosine_norms():
+    gen = torch.Generator().manual_seed(6)
+    m = torch.randn(9, 7, dtype=torch.float64, generator=gen)
+    for t in (m, m.t().contiguous().t(), m[::2, 1:]):
+        for dim in (0, 1, -1):
+            close(ops.cosine_norms(t, dim), torch.linalg.vector_norm(t, dim=dim), torch.float64, f"dim={dim}")
+    with pytest.raises(ValueError, match="dim"):
+        ops.cosine_norms(m, 2)
 
 
 def test_grad_prep_and_tangent_with_dots():

@@ -259,6 +259,9 @@ TORCH_LIBRARY_IMPL(ltkernels, CPU, m) {
                                  const at::Tensor& col_norm, double eps) {
     return ltk::cosine_grad_prep_impl(ltk::cosine_cpu_ops(), grad, logits, row_norm, col_norm, eps);
   });
+  m.impl("cosine_norms", [](const at::Tensor& input, int64_t dim) {
+    return ltk::cosine_norms_impl(ltk::cosine_cpu_ops(), input, dim);
+  });
   m.impl("cosine_scale_", [](const at::Tensor& self, const std::optional<at::Tensor>& row_norm,
                              const std::optional<at::Tensor>& col_norm, double eps) {
     ltk::cosine_scale_impl(ltk::cosine_cpu_ops(), self, row_norm, col_norm, eps);

@@ -108,6 +108,10 @@ TORCH_LIBRARY_IMPL(ltkernels, CUDA, m) {
     const c10::cuda::CUDAGuard guard(grad.device());
     return ltk::cosine_grad_prep_impl(ltk::cuda_ops(), grad, logits, row_norm, col_norm, eps);
   });
+  m.impl("cosine_norms", [](const at::Tensor& input, int64_t dim) {
+    const c10::cuda::CUDAGuard guard(input.device());
+    return ltk::cosine_norms_impl(ltk::cuda_ops(), input, dim);
+  });
   m.impl("cosine_scale_", [](const at::Tensor& self, const std::optional<at::Tensor>& row_norm,
                              const std::optional<at::Tensor>& col_norm, double eps) {
     const c10::cuda::CUDAGuard guard(self.device());
