@@ -6,7 +6,8 @@
 //
 //   launch_pair_transform  g <- a = -t max(d2, dist_eps) (gaussian; diagonal -inf), or g <- p = f'(d2),
 //                          f <- f(d2) (riesz / log; diagonal 0), d2 = nI[r] + nK[c] - 2 g[r, c]
-//   launch_exp_shift       prow = exp(a - mI[r]) (prow may alias a), pcol = exp(a - mK[c]) (pcol may be null)
+//   launch_exp_shift       prow = exp(a - mI[r]) (prow may alias a), pcol = exp(a - mK[c]) (pcol may be null);
+//                          one pass per output (column pass first)
 //
 // Shapes are int64; grid-stride loops, so any grid is valid; empty tiles launch nothing.
 #pragma once
@@ -52,17 +53,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Not __restrict__: prow may alias a.
-template <typename T>
+// out[r, c] = exp(a[r, c] - shift[kByRow ? r : c]). Not __restrict__: out may alias a (the row pass).
+template <typename T, bool kByRow>
 __global__ void __launch_bounds__(kThreads)
-    exp_shift_kernel(int64_t bi, int64_t bk, const T* a, const T* mI, const T* mK, T* prow, T* pcol) {
+    exp_shift_kernel(int64_t bi, int64_t bk, const T* a, const T* shift, T* out) {
   for (int64_t r = blockIdx.y; r < bi; r += gridDim.y) {
-    const T mr = mI[r];
+    const T* ar = a + r * bk;
+    T* outr = out + r * bk;
     for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < bk; c += int64_t(gridDim.x) * kThreads) {
-      const int64_t i = r * bk + c;
-      const T x = a[i];
-      if (pcol) pcol[i] = uni_exp<T>(x - mK[c]);
-      prow[i] = uni_exp<T>(x - mr);
+      outr[c] = uni_exp<T>(ar[c] - shift[kByRow ? r : c]);
     }
   }
 }
@@ -88,7 +87,9 @@ template <typename T>
 void launch_exp_shift(int64_t bi, int64_t bk, const T* a, const T* mI, const T* mK, T* prow, T* pcol,
                       cudaStream_t stream) {
   if (bi <= 0 || bk <= 0) return;
-  LTK_LAUNCH(exp_shift_kernel<T>, tile_grid(bi, bk), dim3(kThreads), 0, stream, bi, bk, a, mI, mK, prow, pcol);
+  // the column pass first: prow may alias a
+  if (pcol) LTK_LAUNCH((exp_shift_kernel<T, false>), tile_grid(bi, bk), dim3(kThreads), 0, stream, bi, bk, a, mK, pcol);
+  LTK_LAUNCH((exp_shift_kernel<T, true>), tile_grid(bi, bk), dim3(kThreads), 0, stream, bi, bk, a, mI, prow);
 }
 
 }  // namespace uniformity_cuda
