@@ -254,7 +254,7 @@ class _ReductionProbe:
 def _call_chunk(loss: nn.Module, cos: Tensor, target: Tensor, noise: Optional[Tensor]):
     """loss(cos, target[, noise=noise]) with the module's reduction turned into a sum; returns
     (value, kind, denominator share)."""
-    if "_mce" not in dir(loss):
+    if not callable(getattr(loss, "_mce", None)):
         raise TypeError("cosine_head_loss: `loss` must be a loss module of ltkernels.losses or ltkernels.reference "
                         f"(one that computes through `_mce`), got {type(loss).__name__}")
     had = "_mce" in loss.__dict__
@@ -290,9 +290,8 @@ def _run_chunks(x, w, wn, target, noise, loss, chunk, eps, need_x, need_w, row_g
     """One pass over the row chunks.
 
     Returns (sum or per-row losses, kind, denominator, x norms, rng states, (gx, x dots), (gw, w dots)).
-    When gradients are
-    wanted (need_x / need_w, and for per-row losses only with ``row_grad``), each chunk's logit gradient
-    G becomes *prescaled* GEMM accumulations ``gx rows = (G / |x_i| / |w_j|) W^T`` and
+    When gradients are wanted (need_x / need_w, and for per-row losses only with ``row_grad``), each
+    chunk's logit gradient G becomes *prescaled* GEMM accumulations ``gx rows = (G / |x_i| / |w_j|) W^T`` and
     ``gw += x^T (G / |x_i| / |w_j|)``; the caller applies the tangent projections (and any scale).
     ``rng``: per-chunk random-number states to replay (the recomputation of reduction 'none').
     The tangent dot products come with the gradient: ``xd[i] = sum_j G_ij c_ij`` and
