@@ -28,6 +28,9 @@ _LAZY = {
     "drw_weights": "priors",
     "margin_cross_entropy": "functional",
     "mixup_loss": "mixup",
+    "cosine_logits": "cosine",
+    "NormedLinear": "cosine",
+    "cosine_head_loss": "cosine",
 }
 
 __all__ = sorted(_LAZY) + ["functional", "losses", "priors", "reference"]
