@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 
 #include <optional>
 #include <tuple>
@@ -71,6 +73,30 @@ MarginCeArgs<scalar_t, acc_t> make_args(const MarginCeInputs& in, const MarginCe
   a.N = p.N;
   a.C = p.C;
   return a;
+}
+
+// One margin_ce call for a device: prepare, allocate the outputs, dispatch on the input dtype and hand
+// the kernel's raw view to `launch` (a generic callable taking MarginCeArgs<scalar_t, acc_t>&), reduce.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_margin_ce(const MarginCeInputs& in, Launch&& launch) {
+  const MarginCePrepared p = prepare_margin_ce(in);
+  const auto opts = in.input.options();
+  const auto acc_opts = opts.dtype(p.acc_type);
+  at::Tensor row_loss = at::empty({p.N}, acc_opts);
+  at::Tensor grad = in.compute_grad ? at::empty({p.N, p.C}, opts) : at::empty({0}, opts);
+  at::Tensor grad_shift =
+      (in.compute_grad && p.row_shift.defined()) ? at::empty({p.N}, acc_opts) : at::empty({0}, acc_opts);
+  if (p.N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "margin_ce", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto a = make_args<scalar_t, acc_t>(in, p);
+      a.row_loss = row_loss.data_ptr<acc_t>();
+      a.grad = in.compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+      a.grad_row_shift = grad_shift.numel() ? grad_shift.data_ptr<acc_t>() : nullptr;
+      launch(a);
+    });
+  }
+  return {reduce_row_losses(row_loss, p, in.reduction, in.input.scalar_type()), grad, grad_shift};
 }
 
 }  // namespace ltk

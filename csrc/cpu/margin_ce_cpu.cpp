@@ -51,25 +51,8 @@ inline void run(const KernelTable& k, const MarginCeArgs<c10::BFloat16, float>& 
 }  // namespace cpu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu(LTK_MARGIN_CE_PARAMS) {
-  const MarginCeInputs in = LTK_MARGIN_CE_INPUTS;
-  const MarginCePrepared p = prepare_margin_ce(in);
-  const auto acc_opts = input.options().dtype(p.acc_type);
-  at::Tensor row_loss = at::empty({p.N}, acc_opts);
-  at::Tensor grad = in.compute_grad ? at::empty({p.N, p.C}, input.options()) : at::empty({0}, input.options());
-  at::Tensor grad_shift = (in.compute_grad && p.row_shift.defined()) ? at::empty({p.N}, acc_opts)
-                                                                      : at::empty({0}, acc_opts);
-  if (p.N > 0) {
-    const cpu::KernelTable& k = cpu::kernels();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "margin_ce_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto a = make_args<scalar_t, acc_t>(in, p);
-      a.row_loss = row_loss.data_ptr<acc_t>();
-      a.grad = in.compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
-      a.grad_row_shift = grad_shift.numel() ? grad_shift.data_ptr<acc_t>() : nullptr;
-      cpu::run(k, a);
-    });
-  }
-  return {reduce_row_losses(row_loss, p, reduction, input.scalar_type()), grad, grad_shift};
+  const cpu::KernelTable& k = cpu::kernels();
+  return run_margin_ce(LTK_MARGIN_CE_INPUTS, [&](const auto& a) { cpu::run(k, a); });
 }
 
 }  // namespace ltk
