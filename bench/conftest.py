@@ -220,15 +220,65 @@ def bench_options(request):
     return request.config.ltk_bench
 
 
+class CpuMeter:
+    """CPU time used by *other* processes since creation, in cores (0 = the machine was ours).
+
+    (all cores' busy time from /proc/stat - this process's own CPU time from /proc/self/stat) / wall
+    time. Resolution: one clock tick (10 ms) over the measured window. Returns None off Linux."""
+
+    def __init__(self):
+        self.t0 = time.monotonic()
+        self.busy0, self.self0 = _busy_ticks(), _self_ticks()
+
+    def others(self):
+        busy, me = _busy_ticks(), _self_ticks()
+        dt = time.monotonic() - self.t0
+        if None in (busy, me, self.busy0, self.self0) or dt <= 0:
+            return None
+        return max(0.0, ((busy - self.busy0) - (me - self.self0)) / _CLK_TCK / dt)
+
+
+try:
+    _CLK_TCK = os.sysconf("SC_CLK_TCK")
+except (ValueError, OSError, AttributeError):  # pragma: no cover
+    _CLK_TCK = 100
+
+
+def _busy_ticks():
+    try:
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(vals) - vals[3] - vals[4]  # minus idle and iowait
+
+
+def _self_ticks():
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])  # utime + stime of all threads
+
+
 @pytest.fixture
 def record_case(benchmark):
     """``record_case(suite=, case=, shape=(N, C), dtype=, mode=, impl=, **extra)``: name the
-    benchmark group and fill ``extra_info`` the way bench/report.py expects."""
+    benchmark group and fill ``extra_info`` the way bench/report.py expects. Call it after the
+    warm-up (compiles), right before the timed part: from then until the test ends, the CPU used by
+    other processes is measured and stored as ``extra_info["other_load"]`` (cores; see CpuMeter),
+    which the report uses to flag (and ``--rerun-noisy`` to repeat) cases measured under load."""
 
     def record(*, suite: str, case: str, shape, dtype: str, mode: str, impl: str, **extra):
         shape_s = shape if isinstance(shape, str) else "x".join(str(int(s)) for s in shape)
         benchmark.group = f"{suite}: {case} {shape_s} {dtype} {mode}"
         benchmark.extra_info.update(suite=suite, case=case, shape=shape_s, dtype=dtype, mode=mode, impl=impl)
         benchmark.extra_info.update(extra)
+        benchmark._ltk_meter = CpuMeter()
 
-    return record
+    yield record
+    meter = getattr(benchmark, "_ltk_meter", None)
+    if meter is not None and not benchmark.disabled:
+        load = meter.others()
+        benchmark.extra_info["other_load"] = None if load is None else round(load, 3)

@@ -44,6 +44,7 @@ TARGETS[("CE", "128x100")] = (1.0, None)
 
 IMPL_ORDER = ["fused", "eager", "compiled"]
 USE_INTERLEAVED = True  # speedups from the interleaved measurement when a suite records one
+NOISY = 0.3  # cores used by other processes during a case above which it is flagged
 MODE_ORDER = ["fwd+bwd", "fwd"]
 DTYPE_ORDER = ["fp32", "bf16", "fp16", "fp64"]
 
@@ -52,11 +53,12 @@ DTYPE_ORDER = ["fp32", "bf16", "fp16", "fp64"]
 # Running
 # ----------------------------------------------------------------------------------------------
 
-def run_suites(args) -> tuple[Path, float, int]:
+def run_suites(args, nodeids=None, tag="") -> tuple[Path, float, int]:
     RAW.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = RAW / f"bench-{stamp}.json"
-    cmd = [sys.executable, "-m", "pytest", str(BENCH.relative_to(ROOT)), "-q", "-p", "no:cacheprovider",
+    out = RAW / f"bench-{stamp}{tag}.json"
+    targets = list(nodeids) if nodeids else [str(BENCH.relative_to(ROOT))]
+    cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider",
            f"--benchmark-json={out}", f"--benchmark-max-time={args.max_time}",
            f"--benchmark-min-rounds={args.min_rounds}", "--benchmark-quiet",
            "--continue-on-collection-errors",  # one broken suite must not cost the others' results
@@ -65,12 +67,13 @@ def run_suites(args) -> tuple[Path, float, int]:
            "--bench-compile" if args.compile else "--bench-no-compile"]
     if args.threads:
         cmd += [f"--bench-threads={args.threads}"]
-    if args.k:
+    if args.k and not nodeids:
         cmd += ["-k", args.k]
-    if not args.agree:
+    if not args.agree or nodeids:
         cmd += ["--benchmark-only"]
     cmd += args.pytest_args
-    print("+", " ".join(cmd), flush=True)
+    shown = cmd if len(cmd) < 40 else cmd[:4] + [f"<{len(targets)} test ids>"] + cmd[4 + len(targets):]
+    print("+", " ".join(shown), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, cwd=ROOT)
     wall = time.time() - t0
@@ -91,8 +94,38 @@ def load(paths: list[Path]) -> tuple[list[dict], dict]:
         machine = data.get("machine_info", {}) or machine
         machine = dict(machine, _commit=data.get("commit_info", {}), _datetime=data.get("datetime"))
         for b in data.get("benchmarks", []):
-            benches[b.get("fullname") or b["name"]] = b  # later files win
+            key = b.get("fullname") or b["name"]
+            old = benches.get(key)
+            if old is not None and _load_of(old) is not None and _load_of(b) is not None \
+                    and _load_of(old) <= _load_of(b):
+                continue  # keep the measurement taken with less load from other processes
+            benches[key] = b  # otherwise later files win
     return list(benches.values()), machine
+
+
+def _load_of(b: dict):
+    return (b.get("extra_info") or {}).get("other_load")
+
+
+def noisy_benchmarks(paths: list[Path], threshold: float) -> list[str]:
+    benches, _ = load(paths)
+    return [b["fullname"] for b in benches if b.get("fullname") and (_load_of(b) or 0.0) > threshold]
+
+
+def wait_quiet(threshold: float, timeout: float) -> float:
+    """Wait (up to ``timeout`` s) until other processes use less than ``threshold`` cores over 2 s."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.conftest import CpuMeter
+    finally:
+        sys.path.pop(0)
+    t_end = time.monotonic() + timeout
+    while True:
+        m = CpuMeter()
+        time.sleep(2.0)
+        load = m.others()
+        if load is None or load < threshold or time.monotonic() >= t_end:
+            return load or 0.0
 
 
 def _shape_key(shape: str):
@@ -121,7 +154,8 @@ def pivot(benches: list[dict], stat: str):
         key = (ei["case"], ei["shape"], ei["dtype"], ei["mode"])
         suites[suite][key][ei["impl"]] = {"t": b["stats"][stat], "mem": ei.get("peak_mem_bytes"),
                                           "nc": ei.get("nc_bytes"), "rounds": b["stats"].get("rounds"),
-                                          "inter": ei.get("vs_fused_interleaved") if USE_INTERLEAVED else None}
+                                          "inter": ei.get("vs_fused_interleaved") if USE_INTERLEAVED else None,
+                                          "load": ei.get("other_load")}
         if ei["case"] not in case_order[suite]:
             case_order[suite].append(ei["case"])
     return suites, others, case_order
@@ -168,6 +202,17 @@ def speedup(d: dict, other: str):
     return _ratio(d.get("fused", {}).get("t"), o.get("t"))
 
 
+def row_load(d: dict):
+    loads = [v.get("load") for v in d.values() if v.get("load") is not None]
+    return max(loads) if loads else None
+
+
+def fmt_load(v):
+    if v is None:
+        return "—"
+    return f"{v:.1f}" + (" ⚠" if v > NOISY else "")
+
+
 def target_cell(case, shape, dtype, mode, r_eager, r_comp):
     tgt = TARGETS.get((case, shape))
     if tgt is None or dtype != "fp32" or mode != "fwd+bwd":
@@ -188,8 +233,8 @@ def loss_tables(rows: dict, case_order: list[str]) -> tuple[list[str], list[list
     keys = sorted(rows, key=lambda k: (_order(k[3], MODE_ORDER), _order(k[2], DTYPE_ORDER), _shape_key(k[1]),
                                        _order(k[0], case_order)))
     header = ("| case | shape | dtype | fused ms | eager ms | compiled ms | fused vs eager | "
-              "fused vs compiled | peak MiB fused | peak MiB eager | peak MiB compiled | target |")
-    sep = "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+              "fused vs compiled | peak MiB fused | peak MiB eager | peak MiB compiled | target | other load |")
+    sep = "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|"
     section = None
     for k in keys:
         case, shape, dtype, mode = k
@@ -202,10 +247,11 @@ def loss_tables(rows: dict, case_order: list[str]) -> tuple[list[str], list[list
         r_e, r_c = speedup(d, "eager"), speedup(d, "compiled")
         tgt = target_cell(case, shape, dtype, mode, r_e, r_c)
         mems = [fmt_mem(d.get(i, {}).get("mem"), d.get(i, {}).get("nc")) for i in IMPL_ORDER]
-        row = [case, shape, dtype, fmt_ms(tf), fmt_ms(te), fmt_ms(tc), fmt_x(r_e), fmt_x(r_c), *mems, tgt]
+        load = fmt_load(row_load(d))
+        row = [case, shape, dtype, fmt_ms(tf), fmt_ms(te), fmt_ms(tc), fmt_x(r_e), fmt_x(r_c), *mems, tgt, load]
         lines.append("| " + " | ".join(row) + " |")
         if tgt:
-            target_rows.append([case, shape, fmt_ms(tf), fmt_ms(te), fmt_ms(tc), fmt_x(r_e), fmt_x(r_c), tgt])
+            target_rows.append([case, shape, fmt_ms(tf), fmt_ms(te), fmt_ms(tc), fmt_x(r_e), fmt_x(r_c), tgt, load])
     return lines, target_rows
 
 
@@ -219,7 +265,7 @@ def generic_suite_table(name: str, rows: dict, case_order: list[str]) -> list[st
     base = "fused" if "fused" in impls else impls[0]
     others = [i for i in impls if i != base]
     head = (["case", "shape", "dtype", "mode"] + [f"{i} ms" for i in impls]
-            + [f"{i} / {base}" for i in others] + [f"peak MiB {i}" for i in impls])
+            + [f"{i} / {base}" for i in others] + [f"peak MiB {i}" for i in impls] + ["other load"])
     lines = ["", f"### suite `{name}`", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * 4 + "--:|" * (len(head) - 4)]
     keys = sorted(rows, key=lambda k: (_order(k[3], MODE_ORDER), _order(k[2], DTYPE_ORDER), _shape_key(k[1]),
@@ -231,6 +277,7 @@ def generic_suite_table(name: str, rows: dict, case_order: list[str]) -> list[st
         cells += [fmt_x(d[i]["inter"] if base == "fused" and d.get(i, {}).get("inter") else _ratio(t[base], t[i]))
                   for i in others]
         cells += [fmt_mem(d.get(i, {}).get("mem"), d.get(i, {}).get("nc")) for i in impls]
+        cells.append(fmt_load(row_load(d)))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -278,7 +325,9 @@ def render_markdown(benches, machine, stat, wall=None, png_name="results.png"):
                 "min of each; robust to load drift on the shared cores), so it can differ from the ratio "
                 "of the ms columns, which come from separate runs. " if USE_INTERLEAVED else ". ") +
              "Peak MiB: peak extra memory of one step (torch.profiler allocation events), "
-             "in parentheses the same in units of one N×C buffer of the input dtype.", ""]
+             "in parentheses the same in units of one N×C buffer of the input dtype. Other load: cores "
+             "used by other processes while the row's cases were timed (max over its impls; /proc/stat "
+             f"minus this process), ⚠ above {NOISY}: those timings are disturbed.", ""]
     lines += machine_lines(machine, wall)
     target_rows: list = []
     body: list[str] = []
@@ -297,8 +346,9 @@ def render_markdown(benches, machine, stat, wall=None, png_name="results.png"):
         body += other_table(others, stat)
     if target_rows:
         lines += ["", "## Performance targets (fp32, forward + backward)", "",
-                  "| case | shape | fused ms | eager ms | compiled ms | fused vs eager | fused vs compiled | target |",
-                  "|---|---|--:|--:|--:|--:|--:|---|"]
+                  "| case | shape | fused ms | eager ms | compiled ms | fused vs eager | fused vs compiled | target | "
+                  "other load |",
+                  "|---|---|--:|--:|--:|--:|--:|---|--:|"]
         lines += ["| " + " | ".join(r) + " |" for r in target_rows]
     lines += ["", f"![speedups]({png_name})", "", "## All cases"] + body
     return "\n".join(lines) + "\n", suites, target_rows
@@ -367,8 +417,9 @@ def update_readme(readme: Path, target_rows, md_rel: str) -> bool:
         print(f"{readme}: no {README_START} ... {README_END} markers; not updated")
         return False
     block = [README_START, "", f"Targets, fp32 forward+backward on this machine (full table: [{md_rel}]({md_rel})):",
-             "", "| case | shape | fused ms | eager ms | compiled ms | fused vs eager | fused vs compiled | target |",
-             "|---|---|--:|--:|--:|--:|--:|---|"]
+             "", "| case | shape | fused ms | eager ms | compiled ms | fused vs eager | fused vs compiled | target | "
+             "other load |",
+             "|---|---|--:|--:|--:|--:|--:|---|--:|"]
     block += ["| " + " | ".join(r) + " |" for r in target_rows]
     block += ["", README_END]
     a, rest = text.split(README_START, 1)
@@ -379,6 +430,7 @@ def update_readme(readme: Path, target_rows, md_rel: str) -> bool:
 
 
 def main(argv=None) -> int:
+    global USE_INTERLEAVED, NOISY
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", nargs="+", type=Path, help="render these pytest-benchmark JSON files; do not run")
@@ -398,13 +450,20 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", choices=["interleaved", "stat"], default="interleaved",
                     help="speedups from the interleaved measurement (default) or from the --stat columns")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the run (default: torch's)")
+    ap.add_argument("--rerun-noisy", type=int, default=0, metavar="K",
+                    help="after the run, up to K times: wait for the machine to be quiet, then re-run the "
+                         "cases that were timed while other processes used > --noisy cores; the quieter "
+                         "measurement of each case is kept (default 0: off)")
+    ap.add_argument("--noisy", type=float, default=NOISY, help="other-process load (cores) that flags a case")
+    ap.add_argument("--quiet-wait", type=float, default=300.0,
+                    help="seconds to wait for a quiet machine before each re-run (default 300)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (results.md, results.png)")
     ap.add_argument("--update-readme", nargs="?", const=ROOT / "README.md", type=Path, default=None,
                     help=f"rewrite the block between {README_START} and {README_END} in README.md")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args(argv)
-    global USE_INTERLEAVED
     USE_INTERLEAVED = args.ratio == "interleaved"
+    NOISY = args.noisy
 
     rc = 0
     wall = None
@@ -418,6 +477,18 @@ def main(argv=None) -> int:
             print(f"no benchmark JSON written ({out}); pytest exit code {rc}", file=sys.stderr)
             return rc or 1
         paths = [out]
+        for attempt in range(args.rerun_noisy):
+            noisy = noisy_benchmarks(paths, args.noisy)
+            if not noisy:
+                break
+            print(f"{len(noisy)} cases were timed under other processes' load > {args.noisy} cores; "
+                  f"waiting up to {args.quiet_wait:.0f} s for a quiet machine", flush=True)
+            t0 = time.time()
+            print(f"other load now: {wait_quiet(args.noisy, args.quiet_wait):.2f} cores", flush=True)
+            out2, w2, rc2 = run_suites(args, nodeids=noisy, tag=f"-rerun{attempt + 1}")
+            wall += time.time() - t0  # the wait for quiet included
+            if out2.exists():
+                paths.append(out2)
     benches, machine = load(paths)
     md, suites, target_rows = render_markdown(benches, machine, args.stat, wall)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -45,14 +45,14 @@ def test_peak_memory_method():
     assert 5_000_000 <= peak < 5_100_000, peak
 
 
-def _fake_bench(case, shape, dtype, mode, impl, t, mem=None, suite="losses", inter=None):
+def _fake_bench(case, shape, dtype, mode, impl, t, mem=None, suite="losses", inter=None, load=0.0):
     n, c = (int(v) for v in shape.split("x"))
     return {"name": f"test_loss[{case}-{shape}-{dtype}-{mode}-{impl}]", "fullname":
             f"bench/bench_{suite}.py::test_loss[{case}-{shape}-{dtype}-{mode}-{impl}]", "group": f"{suite}: {case}",
             "stats": {"min": t * 0.9, "median": t, "mean": t, "rounds": 5},
             "extra_info": {"suite": suite, "case": case, "shape": shape, "dtype": dtype, "mode": mode,
                            "impl": impl, "peak_mem_bytes": mem, "nc_bytes": n * c * 4,
-                           "vs_fused_interleaved": inter}}
+                           "vs_fused_interleaved": inter, "other_load": load}}
 
 
 def test_report_renders(tmp_path):
@@ -90,5 +90,19 @@ def test_report_renders(tmp_path):
     # CE: the interleaved ratio (3.5x) wins over the ratio of the medians (6x)
     assert "| CE | 512x8142 | fp32 | 2.00 | 12.00 | 4.00 | 3.5× | 2.0× |" in md and "≥3× eager ✓" in md
     assert "suite `cosine_head`" in md and "gemm3 / fused" in md and "test_plain" in md
+    assert " ⚠ |" not in md
+    # a noisy re-measurement of LDAM eager is flagged, and merging keeps the quieter measurement
+    noisy = dict(_fake_bench("LDAM", "512x8142", "fp32", "fwd+bwd", "eager", 50e-3, load=1.5))
+    raw2 = tmp_path / "raw2.json"
+    raw2.write_text(json.dumps({"benchmarks": [noisy]}))
+    assert report.noisy_benchmarks([raw2], 0.3) == [noisy["fullname"]]
+    assert report.main(["--json", str(raw), str(raw2), "--out", str(out)]) == 0
+    assert " ⚠ |" not in (out / "results.md").read_text()
+    assert report.main(["--json", str(raw2), str(raw), "--out", str(out)]) == 0  # quieter one wins either way
+    assert " ⚠ |" not in (out / "results.md").read_text()
+    raw2.write_text(json.dumps({"benchmarks": [noisy, _fake_bench("LDAM", "512x8142", "fp32", "fwd+bwd", "fused",
+                                                                  1e-3)]}))
+    assert report.main(["--json", str(raw2), "--out", str(out)]) == 0
+    assert "1.5 ⚠" in (out / "results.md").read_text()
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n") and "LDAM" in text
