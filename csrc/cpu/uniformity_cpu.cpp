@@ -261,11 +261,11 @@ void exp_shift_kernel(const T* a, const T* mI, const T* mK, T* prow, T* pcol, in
         T* pc = pcol + r * bk;
         for (int64_t c = 0; c < bk; ++c) {
           const T x = ar[c];
-          pc[c] = uni_exp<T>(x - mK[c]);
-          pr[c] = uni_exp<T>(x - mr);
+          pc[c] = ltk_exp<T>(x - mK[c]);
+          pr[c] = ltk_exp<T>(x - mr);
         }
       } else {
-        for (int64_t c = 0; c < bk; ++c) pr[c] = uni_exp<T>(ar[c] - mr);
+        for (int64_t c = 0; c < bk; ++c) pr[c] = ltk_exp<T>(ar[c] - mr);
       }
     }
   });

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* ar = a + r * bk;
     T* outr = out + r * bk;
     for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < bk; c += int64_t(gridDim.x) * kThreads) {
-      outr[c] = uni_exp<T>(ar[c] - shift[kByRow ? r : c]);
+      outr[c] = ltk_exp<T>(ar[c] - shift[kByRow ? r : c]);
     }
   }
 }

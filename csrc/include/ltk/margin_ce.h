@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "ltk/hd.h"
+#include "ltk/math.h"
 
 namespace ltk {
 
@@ -61,25 +62,6 @@ template <typename acc_t>
 struct RowCoef {
   acc_t loss, a, b, d;
 };
-
-template <typename acc_t>
-LTK_HD acc_t ltk_exp(acc_t x);
-template <>
-LTK_HD float ltk_exp<float>(float x) { return ::expf(x); }
-template <>
-LTK_HD double ltk_exp<double>(double x) { return ::exp(x); }
-template <typename acc_t>
-LTK_HD acc_t ltk_log(acc_t x);
-template <>
-LTK_HD float ltk_log<float>(float x) { return ::logf(x); }
-template <>
-LTK_HD double ltk_log<double>(double x) { return ::log(x); }
-template <typename acc_t>
-LTK_HD acc_t ltk_pow(acc_t x, acc_t y);
-template <>
-LTK_HD float ltk_pow<float>(float x, float y) { return ::powf(x, y); }
-template <>
-LTK_HD double ltk_pow<double>(double x, double y) { return ::pow(x, y); }
 
 // lse: log-sum-exp of the row; z_t: the target's logit; sum_wz: sum_j w_j z_ij (only read when
 // smoothing > 0); w_t: weight of the target class.

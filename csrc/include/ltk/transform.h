@@ -20,15 +20,6 @@ struct ElemOut {
   acc_t dzdc;
 };
 
-template <typename acc_t>
-LTK_HD acc_t ltk_sqrt(acc_t x) {
-  return ::sqrt(x);
-}
-template <>
-LTK_HD float ltk_sqrt<float>(float x) {
-  return ::sqrtf(x);
-}
-
 // Angular margin M applied to cosine c (ArcFace clamps c to [-1, 1] first, GCLAng does not). The derivative
 // of sqrt(1 - c^2) is guarded: at |c| = 1 the sine is 0 and its derivative -c/sin is taken as 0
 // (ltkernels.reference._safe_sqrt does the same), so gradients stay finite at the poles.

@@ -17,44 +17,12 @@
 #include <cmath>
 
 #include "ltk/hd.h"
+#include "ltk/math.h"
 
 namespace ltk {
 
 // Kernel codes (ltkernels/regularisers.py: UNIFORMITY_KERNELS).
 enum UniformityKernel : int { kUniGaussian = 0, kUniRiesz = 1, kUniLog = 2 };
-
-template <typename T>
-LTK_HD T uni_exp(T x) {
-  return ::exp(x);
-}
-template <>
-LTK_HD float uni_exp<float>(float x) {
-  return ::expf(x);
-}
-template <typename T>
-LTK_HD T uni_log(T x) {
-  return ::log(x);
-}
-template <>
-LTK_HD float uni_log<float>(float x) {
-  return ::logf(x);
-}
-template <typename T>
-LTK_HD T uni_sqrt(T x) {
-  return ::sqrt(x);
-}
-template <>
-LTK_HD float uni_sqrt<float>(float x) {
-  return ::sqrtf(x);
-}
-template <typename T>
-LTK_HD T uni_pow(T x, T y) {
-  return ::pow(x, y);
-}
-template <>
-LTK_HD float uni_pow<float>(float x, float y) {
-  return ::powf(x, y);
-}
 
 // Squared distance from a Gram entry g = w^_j . w^_k and the squared norms (not clamped).
 template <typename T>
@@ -74,17 +42,17 @@ LTK_HD void uni_energy(int kernel, T d2, T s, T dist_eps, T& f, T& p) {
   const bool clamped = !(d2 >= dist_eps);
   const T x = clamped ? dist_eps : d2;
   if (kernel == kUniLog) {
-    f = T(-0.5) * uni_log<T>(x);
+    f = T(-0.5) * ltk_log<T>(x);
     p = clamped ? T(0) : T(-0.5) / x;
     return;
   }
   T v;
   if (s == T(1)) {
-    v = T(1) / uni_sqrt<T>(x);
+    v = T(1) / ltk_sqrt<T>(x);
   } else if (s == T(2)) {
     v = T(1) / x;
   } else {
-    v = uni_pow<T>(x, T(-0.5) * s);
+    v = ltk_pow<T>(x, T(-0.5) * s);
   }
   f = v;
   p = clamped ? T(0) : T(-0.5) * s * v / x;
