@@ -141,7 +141,13 @@ def pytest_generate_tests(metafunc):
     ns = metafunc.config.ltk_bench
     names = metafunc.fixturenames
     if "case" in names:
-        metafunc.parametrize("case", list(CASES))
+        cases = list(CASES)
+        if getattr(ns, "cases", None):
+            unknown = [c for c in ns.cases if c not in CASES]
+            if unknown:
+                raise pytest.UsageError(f"--bench-cases: unknown {unknown}; known: {', '.join(CASES)}")
+            cases = [c for c in cases if c in ns.cases]
+        metafunc.parametrize("case", cases)
     if "shape" in names:
         metafunc.parametrize("shape", ns.sizes, ids=[f"{n}x{c}" for n, c in ns.sizes])
     if "dtype" in names:

@@ -9,6 +9,7 @@ Options (each also settable by an environment variable, the option wins):
                   LTK_BENCH_COMPILE  ``1``/``0``: include the torch.compile(reference) cases (default on)
   --bench-compile-backend
                   LTK_BENCH_COMPILE_BACKEND  ``inductor`` (default); ``eager`` only exercises the harness
+  --bench-cases   LTK_BENCH_CASES    comma list of cases (bench_losses: CE,LDAM,KPS,...; default all)
   --bench-interleave-time LTK_BENCH_INTERLEAVE_TIME  seconds per case for ratios measured in
                                       alternating rounds (suites that use it; default 0.3, 0 = off)
   --bench-threads LTK_BENCH_THREADS  torch.set_num_threads for the run (default: torch's default)
@@ -88,6 +89,9 @@ def pytest_addoption(parser):
                 help="include torch.compile(reference) cases (default; env LTK_BENCH_COMPILE=1)")
     g.addoption("--bench-no-compile", dest="bench_compile", action="store_false",
                 help="skip torch.compile(reference) cases (env LTK_BENCH_COMPILE=0)")
+    g.addoption("--bench-cases", default=None,
+                help="comma list of cases for suites that have named cases (bench_losses: CE,LDAM,...; "
+                     "env LTK_BENCH_CASES; default all)")
     g.addoption("--bench-interleave-time", type=float, default=None,
                 help="seconds per case for the interleaved fused-vs-other ratio (default 0.3, 0 = off; "
                      "env LTK_BENCH_INTERLEAVE_TIME)")
@@ -113,7 +117,9 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(threads)
-    config.ltk_bench = SimpleNamespace(sizes=parse_sizes(sizes), dtypes=parse_dtypes(dtypes),
+    cases = config.getoption("--bench-cases", default=None) or os.environ.get("LTK_BENCH_CASES", "")
+    cases = [c.strip() for c in cases.split(",") if c.strip()] or None
+    config.ltk_bench = SimpleNamespace(sizes=parse_sizes(sizes), dtypes=parse_dtypes(dtypes), cases=cases,
                                        compile=bool(comp), compile_backend=backend, interleave_time=inter,
                                        threads=threads or None, t0=time.time(), loadavg_start=_loadavg())
 

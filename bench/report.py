@@ -53,11 +53,13 @@ DTYPE_ORDER = ["fp32", "bf16", "fp16", "fp64"]
 # Running
 # ----------------------------------------------------------------------------------------------
 
-def run_suites(args, nodeids=None, tag="") -> tuple[Path, float, int]:
+def run_suites(args, nodeids=None, tag="", extra=()) -> tuple[Path, float, int]:
+    """One pytest process over ``nodeids`` (default: all of bench/); returns (json, wall s, exit code)."""
     RAW.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = RAW / f"bench-{stamp}{tag}.json"
     targets = list(nodeids) if nodeids else [str(BENCH.relative_to(ROOT))]
+    single_tests = bool(nodeids) and all("::" in n for n in nodeids)
     cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider",
            f"--benchmark-json={out}", f"--benchmark-max-time={args.max_time}",
            f"--benchmark-min-rounds={args.min_rounds}", "--benchmark-quiet",
@@ -67,18 +69,56 @@ def run_suites(args, nodeids=None, tag="") -> tuple[Path, float, int]:
            "--bench-compile" if args.compile else "--bench-no-compile"]
     if args.threads:
         cmd += [f"--bench-threads={args.threads}"]
-    if args.k and not nodeids:
+    if args.k and not single_tests:
         cmd += ["-k", args.k]
-    if not args.agree or nodeids:
+    if not args.agree or single_tests:
         cmd += ["--benchmark-only"]
-    cmd += args.pytest_args
+    cmd += list(extra) + args.pytest_args
     shown = cmd if len(cmd) < 40 else cmd[:4] + [f"<{len(targets)} test ids>"] + cmd[4 + len(targets):]
     print("+", " ".join(shown), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, cwd=ROOT)
     wall = time.time() - t0
-    print(f"benchmark run: {wall / 60:.1f} min, pytest exit code {rc}", flush=True)
+    print(f"  {tag.lstrip('-') or 'run'}: {wall / 60:.1f} min, pytest exit code {rc}", flush=True)
     return out, wall, rc
+
+
+def plan_chunks(args) -> list[tuple[str, list[str], list[str]]]:
+    """(label, pytest targets, extra options): one pytest process per suite file, and one per loss
+    for bench_losses.py, so that a crash (e.g. the extension rebuilt in place under a running
+    process) costs one chunk, which is retried, and not the whole run."""
+    chunks = []
+    for f in sorted(BENCH.glob("bench_*.py")):
+        rel = str(f.relative_to(ROOT))
+        if f.name == "bench_losses.py":
+            sys.path.insert(0, str(ROOT))
+            try:
+                from bench.bench_losses import CASES
+            finally:
+                sys.path.pop(0)
+            for case in CASES:
+                chunks.append((f"losses-{case}", [rel], [f"--bench-cases={case}"]))
+        else:
+            chunks.append((f.stem.replace("bench_", ""), [rel], []))
+    return chunks
+
+
+def run_chunked(args) -> tuple[list[Path], float, int]:
+    paths, rc_all, t0 = [], 0, time.time()
+    chunks = plan_chunks(args)
+    for i, (label, targets, extra) in enumerate(chunks):
+        print(f"[{i + 1}/{len(chunks)}] {label}", flush=True)
+        for attempt in range(2):
+            out, _, rc = run_suites(args, nodeids=targets, tag=f"-{label}", extra=extra)
+            if rc == 5 or (out.exists() and rc >= 0):  # 5: -k selected nothing in this chunk
+                break
+            print(f"  {label}: no results (exit code {rc}); " + ("retrying" if attempt == 0 else "giving up"),
+                  flush=True)
+        if out.exists():
+            paths.append(out)
+        if rc not in (0, 5):  # 5: nothing selected (e.g. -k excludes the whole chunk)
+            rc_all = rc_all or rc
+    return paths, time.time() - t0, rc_all
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,8 +131,15 @@ def load(paths: list[Path]) -> tuple[list[dict], dict]:
     for p in paths:
         with open(p) as fh:
             data = json.load(fh)
-        machine = data.get("machine_info", {}) or machine
-        machine = dict(machine, _commit=data.get("commit_info", {}), _datetime=data.get("datetime"))
+        mi = dict(data.get("machine_info", {}) or {})
+        lt_new = dict(mi.get("ltkernels") or {})
+        lt_old = machine.get("ltkernels") or {}
+        if lt_old:  # several files: load at the start of the first, wall time summed
+            lt_new["loadavg_start"] = lt_old.get("loadavg_start", lt_new.get("loadavg_start"))
+            lt_new["wall_s"] = (lt_old.get("wall_s") or 0) + (lt_new.get("wall_s") or 0)
+        if lt_new:
+            mi["ltkernels"] = lt_new
+        machine = dict(mi or machine, _commit=data.get("commit_info", {}), _datetime=data.get("datetime"))
         for b in data.get("benchmarks", []):
             key = b.get("fullname") or b["name"]
             old = benches.get(key)
@@ -454,6 +501,8 @@ def main(argv=None) -> int:
                     help="after the run, up to K times: wait for the machine to be quiet, then re-run the "
                          "cases that were timed while other processes used > --noisy cores; the quieter "
                          "measurement of each case is kept (default 0: off)")
+    ap.add_argument("--one-process", action="store_true",
+                    help="run all suites in one pytest process (default: one per suite file and per loss)")
     ap.add_argument("--noisy", type=float, default=NOISY, help="other-process load (cores) that flags a case")
     ap.add_argument("--quiet-wait", type=float, default=300.0,
                     help="seconds to wait for a quiet machine before each re-run (default 300)")
@@ -472,11 +521,15 @@ def main(argv=None) -> int:
         for p in args.json:
             paths += [Path(x) for x in sorted(glob.glob(str(p)))] or [p]
     else:
-        out, wall, rc = run_suites(args)
-        if not out.exists():
-            print(f"no benchmark JSON written ({out}); pytest exit code {rc}", file=sys.stderr)
+        if args.one_process:
+            out, wall, rc = run_suites(args)
+            paths = [out] if out.exists() else []
+        else:
+            paths, wall, rc = run_chunked(args)
+        if not paths:
+            print(f"no benchmark JSON written; pytest exit code {rc}", file=sys.stderr)
             return rc or 1
-        paths = [out]
+        print(f"benchmark run: {wall / 60:.1f} min", flush=True)
         for attempt in range(args.rerun_noisy):
             noisy = noisy_benchmarks(paths, args.noisy)
             if not noisy:
