@@ -177,10 +177,10 @@ def wait_quiet(threshold: float, timeout: float) -> float:
 
 def _shape_key(shape: str):
     try:
-        n, c = shape.split("x")
-        return (int(n) * int(c), int(n))
+        dims = [int(v) for v in shape.split("x")]
     except ValueError:
-        return (math.inf, shape)
+        return (math.inf, [], shape)
+    return (math.prod(dims), dims, shape)
 
 
 def _order(value, order):
@@ -357,7 +357,8 @@ def machine_lines(machine: dict, wall: float | None) -> list[str]:
                    "(the cores are shared: a load above the core count means other jobs were running)")
     w = wall if wall is not None else lt.get("wall_s")
     if w:
-        out.append(f"- pytest run wall time: {w / 60:.1f} min "
+        what = "benchmark run wall time" if wall is not None else "pytest wall time (summed over the merged runs)"
+        out.append(f"- {what}: {w / 60:.1f} min "
                    f"(sizes {','.join(lt.get('sizes', [])) or '?'}, dtypes {','.join(lt.get('dtypes', [])) or '?'}, "
                    f"compile {'on (' + str(lt.get('compile_backend')) + ')' if lt.get('compile') else 'off'})")
     return out
@@ -423,7 +424,7 @@ def plot(suites, path: Path, case_order) -> bool:
     for r, (mode, other) in enumerate(panels):
         for c, dtype in enumerate(dtypes):
             ax = axes[r][c]
-            lo = 1.0
+            lo = hi = 1.0
             for si, shape in enumerate(shapes):
                 vals = []
                 for case in cases:
@@ -437,22 +438,22 @@ def plot(suites, path: Path, case_order) -> bool:
                         ax.text(xv, v, f"{v:.1f}" if v < 10 else f"{v:.0f}", ha="center", va="bottom",
                                 fontsize=5.5, rotation=90)
                 finite = [v for v in vals if v == v and v > 0]
-                lo = min([lo] + finite)
+                lo, hi = min([lo] + finite), max([hi] + finite)
             ax.axhline(1.0, color="black", lw=0.8)
             if mode == "fwd+bwd" and dtype == "fp32":
                 ax.axhline(10.0, color="tab:red", lw=0.8, ls="--", label="10× target (512×8142)")
                 ax.axhline(5.0, color="tab:orange", lw=0.8, ls=":", label="5× target (256×1000)")
             ax.set_yscale("log")
-            ax.set_ylim(bottom=min(0.5, lo / 1.5))
+            ax.set_ylim(bottom=min(0.5, lo / 1.5), top=max(2.0, hi * 1.8))
             ax.set_xticks(range(len(cases)))
             ax.set_xticklabels(cases, rotation=35, ha="right", fontsize=8)
             ax.set_ylabel(f"speedup vs {other}")
             ax.set_title(f"fused vs {other}: {'forward+backward' if mode == 'fwd+bwd' else 'forward'}, {dtype}",
                          fontsize=10)
             ax.grid(axis="y", which="both", alpha=0.3)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
