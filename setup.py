@@ -58,7 +58,9 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     # -ffp-contract=off: the noise generator must give the same bits on CPU and CUDA, so no implicit
     # fused multiply-adds; kernels use explicit fma where they want one.
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp-simd", "-fno-math-errno", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is an OpenMP loop in torch's headers; without the flag it compiles to a
+    # serial call. torch ships libgomp.so.1 and loads it first, so the extension shares its runtime.
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
     define_macros = []
     ext_cls = cpp_extension.CppExtension
     extra = {"cxx": cxx}
@@ -76,7 +78,7 @@ def _extensions():
                          "-Xcudafe", "--diag_suppress=177"]
         ext_cls = cpp_extension.CUDAExtension
     return [ext_cls("ltkernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                    extra_compile_args=extra)]
+                    extra_compile_args=extra, extra_link_args=["-fopenmp"])]
 
 
 def _cmdclass():

@@ -95,7 +95,8 @@ MarginCePrepared prepare_margin_ce(const MarginCeInputs& in) {
     double denom = 1.0;
     if (in.reduction == kReduceMean) denom = w ? denom_w : static_cast<double>(valid);
     if (in.reduction == kReduceBatchMean) denom = static_cast<double>(N);
-    p.inv_denom = at::full({1}, 1.0 / denom, x.options().dtype(acc));
+    p.inv_denom_host = 1.0 / denom;
+    p.inv_denom_host_f = static_cast<float>(p.inv_denom_host);
   } else {
     if (in.reduction == kReduceMean) {
       const at::Tensor valid = p.target.ne(in.ignore_index);

@@ -9,6 +9,8 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "ltk/margin_ce.h"
 
@@ -30,7 +32,9 @@ struct MarginCeInputs {
 struct MarginCePrepared {
   at::Tensor input, target;
   at::Tensor col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef, cloud, noise;
-  at::Tensor inv_denom;  // (1,) acc dtype on the input's device
+  at::Tensor inv_denom;  // (1,) acc dtype on a device; undefined on the CPU, which uses inv_denom_host
+  double inv_denom_host = 1;
+  float inv_denom_host_f = 1;
   double weight_sum = 0;
   uint64_t seed = 0;
   at::ScalarType acc_type;
@@ -69,7 +73,13 @@ MarginCeArgs<scalar_t, acc_t> make_args(const MarginCeInputs& in, const MarginCe
   a.ignore_index = in.ignore_index;
   a.smoothing = static_cast<acc_t>(in.label_smoothing);
   a.weight_sum = static_cast<acc_t>(p.weight_sum);
-  a.inv_denom = p.inv_denom.data_ptr<acc_t>();
+  if (p.inv_denom.defined()) {
+    a.inv_denom = p.inv_denom.data_ptr<acc_t>();
+  } else if constexpr (std::is_same_v<acc_t, double>) {
+    a.inv_denom = &p.inv_denom_host;
+  } else {
+    a.inv_denom = &p.inv_denom_host_f;
+  }
   a.N = p.N;
   a.C = p.C;
   return a;
@@ -82,21 +92,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_margin_ce(const MarginCeInput
   const MarginCePrepared p = prepare_margin_ce(in);
   const auto opts = in.input.options();
   const auto acc_opts = opts.dtype(p.acc_type);
-  at::Tensor row_loss = at::empty({p.N}, acc_opts);
+  // On the CPU a reduced loss is summed on the host (in double) straight from a host buffer: at the
+  // 128 x 100 shape the four small ATen ops of the device path cost as much as the kernel.
+  const bool host_reduce = in.input.is_cpu() && in.reduction != kReduceNone;
+  at::Tensor row_loss = host_reduce ? at::Tensor() : at::empty({p.N}, acc_opts);
   at::Tensor grad = in.compute_grad ? at::empty({p.N, p.C}, opts) : at::empty({0}, opts);
   at::Tensor grad_shift =
       (in.compute_grad && p.row_shift.defined()) ? at::empty({p.N}, acc_opts) : at::empty({0}, acc_opts);
-  if (p.N > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "margin_ce", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "margin_ce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> host_rows(host_reduce ? p.N : 0);
+    if (p.N > 0) {
       auto a = make_args<scalar_t, acc_t>(in, p);
-      a.row_loss = row_loss.data_ptr<acc_t>();
+      a.row_loss = host_reduce ? host_rows.data() : row_loss.data_ptr<acc_t>();
       a.grad = in.compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
       a.grad_row_shift = grad_shift.numel() ? grad_shift.data_ptr<acc_t>() : nullptr;
       launch(a);
-    });
-  }
-  return {reduce_row_losses(row_loss, p, in.reduction, in.input.scalar_type()), grad, grad_shift};
+    }
+    if (host_reduce) {
+      double total = 0;
+      for (const acc_t v : host_rows) total += static_cast<double>(v);
+      // mean of an empty batch: 0 * inf = NaN, as cross_entropy returns
+      if (in.reduction != kReduceSum) total *= p.inv_denom_host;
+      loss = at::empty({}, opts);
+      *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(static_cast<acc_t>(total));
+    }
+  });
+  if (!host_reduce) loss = reduce_row_losses(row_loss, p, in.reduction, in.input.scalar_type());
+  return {loss, grad, grad_shift};
 }
 
 }  // namespace ltk

@@ -21,6 +21,12 @@ from . import _ops
 __all__ = ["margin_cross_entropy", "draw_seed"]
 
 
+_MARGIN_CE = _ops.ops.margin_ce.default
+_INDEX_DTYPES = frozenset(d for d in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
+                                      getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+                                      getattr(torch, "uint64", None)) if d is not None)
+
+
 def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
     """A one-element int64 CPU tensor for the in-kernel Philox noise, drawn from ``generator``
     (default: torch's global CPU generator, so ``torch.manual_seed`` reproduces a run). Under
@@ -107,7 +113,7 @@ def margin_cross_entropy(
         raise ValueError(f"input must be 2-D (N, C), got shape {tuple(input.shape)}")
     if not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+    if target.dtype not in _INDEX_DTYPES:
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
     if target.dim() != 1 or target.shape[0] != input.shape[0]:
         raise ValueError(f"target must have shape ({input.shape[0]},), got {tuple(target.shape)}")
@@ -131,10 +137,23 @@ def margin_cross_entropy(
     if target.dtype != torch.int64:
         target = target.to(torch.int64)
 
-    vecs = {name: _class_vector(v, name, c, input) for name, v in (
-        ("col_scale", col_scale), ("col_bias", col_bias), ("margin", margin), ("target_scale", target_scale),
-        ("weight", weight), ("shift_coef", shift_coef), ("cloud", cloud))}
-    row_shift = _class_vector(row_shift, "row_shift", n, input)
+    # (spelled out rather than looped: this wrapper is part of the per-call cost at small shapes)
+    if col_scale is not None:
+        col_scale = _class_vector(col_scale, "col_scale", c, input)
+    if col_bias is not None:
+        col_bias = _class_vector(col_bias, "col_bias", c, input)
+    if margin is not None:
+        margin = _class_vector(margin, "margin", c, input)
+    if target_scale is not None:
+        target_scale = _class_vector(target_scale, "target_scale", c, input)
+    if weight is not None:
+        weight = _class_vector(weight, "weight", c, input)
+    if shift_coef is not None:
+        shift_coef = _class_vector(shift_coef, "shift_coef", c, input)
+    if cloud is not None:
+        cloud = _class_vector(cloud, "cloud", c, input)
+    if row_shift is not None:
+        row_shift = _class_vector(row_shift, "row_shift", n, input)
     if noise is not None and tuple(noise.shape) != (n, c):
         raise ValueError(f"noise must have the input's shape {(n, c)}, got {tuple(noise.shape)}")
     if cloud is not None and noise is None and seed is None:
@@ -150,9 +169,9 @@ def margin_cross_entropy(
             red = _ops.REDUCTIONS["batch_mean"]  # the official focal loss averages over the batch
     compute_grad = torch.is_grad_enabled() and (
         input.requires_grad or (row_shift is not None and row_shift.requires_grad))
-    loss, _, _ = _ops.ops.margin_ce(
-        input, target, vecs["col_scale"], vecs["col_bias"], vecs["margin"], vecs["target_scale"], vecs["weight"],
-        row_shift, vecs["shift_coef"], vecs["cloud"], noise, seed, float(scale), float(noise_mul),
+    loss, _, _ = _MARGIN_CE(
+        input, target, col_scale, col_bias, margin, target_scale, weight,
+        row_shift, shift_coef, cloud, noise, seed, float(scale), float(noise_mul),
         float(angular_eps), int(offset), _ops.ANGULAR[angular], red, focal, gamma, int(ignore_index),
         float(label_smoothing), bool(compute_grad))
     return loss

@@ -388,6 +388,27 @@ def test_shapes(ltk_device, N, C, reduction):
     check_f32(l32, l_ref32, g32, g_ref32, kw, x, "f32")
 
 
+# Outputs above 8 MiB are written with non-temporal stores (csrc/cpu/margin_ce_rows.h, kStreamOutputBytes):
+# row starts at every 64-byte alignment (C % 16 != 0) and targets in the unaligned head, the streamed body
+# and the tail of their rows.
+@pytest.mark.parametrize("dtype,N,C", [(torch.float32, 260, 8142), (torch.float64, 131, 8143)])
+@pytest.mark.parametrize("name", ["margin", "all", "smooth_weight"])
+def test_streamed_gradient_large_output(dtype, N, C, name):
+    assert N * C * torch.finfo(dtype).bits // 8 > 8 << 20
+    x, t = make_inputs(N, C, seed=N + C)
+    t[: 3 * 17] = torch.tensor([0, 1, 5, 7, 13, 15, 16, 17, 31, 100, C - 1, C - 2, C - 9, C - 17, 4000, 4001,
+                                4015] * 3)
+    t[-1] = -100
+    kw = config(name, C)
+    l_ref, g_ref, go = run(ref, x.to(dtype).double(), t, kw)
+    l, g, _ = run(fused, x.to(dtype), t, to_dev(kw, "cpu", dtype), go.to(dtype))
+    if dtype == torch.float64:
+        torch.testing.assert_close(l, l_ref, **F64)
+        torch.testing.assert_close(g, g_ref, **F64)
+    else:
+        check_f32(l, l_ref, g, g_ref, kw, x.to(dtype), f"{name} streamed f32")
+
+
 def test_single_class(ltk_device):
     x = torch.tensor([[0.3], [-2.0], [5.0]], dtype=torch.float64)
     t = torch.zeros(3, dtype=torch.long)
@@ -781,7 +802,7 @@ def isa_parity_check() -> dict:
     process's ISA build; returns the ISA name and in-kernel-noise losses for cross-process comparison."""
     for name in ["plain", "all", "smooth_weight", "focal_full_g05", "focal_det_g2"]:
         for reduction in ["none", "mean"]:
-            for N, C in [(7, 1), (9, 13), (4, 33), (3, 1000)]:
+            for N, C in [(7, 1), (9, 13), (4, 33), (3, 1000)] + ([(260, 8142)] if name == "all" else []):
                 if C == 1 and name == "focal_full_g05":
                     continue  # the reference's gradient is NaN there (test_reference_focal_full_..._BUG)
                 x, t = make_inputs(N, C, seed=N + C)

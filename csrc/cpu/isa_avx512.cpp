@@ -5,7 +5,9 @@
 // GCC 12 warns inside its own intrinsic headers and on lambda thunks under a target pragma.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wpsabi"
-#pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq")
+// prefer-vector-width=512: GCC otherwise auto-vectorises with 256-bit registers even here; the Philox
+// noise loop (omp simd) runs 1.4x faster on 512-bit ones.
+#pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 #ifndef __AVX__
 #define __AVX__ 1
 #endif
