@@ -34,13 +34,17 @@ README_END = "<!-- bench-table:end -->"
 
 # Performance targets (docs/design.md "Performance targets", issues 2 and 3): fp32 forward+backward.
 # (case, shape) -> (min speedup vs eager, min speedup vs compiled or None)
-TARGET_CASES = ("LDAM", "KPS", "GCL", "LA", "FBL", "ArcFace")
-TARGETS = {}
-for _c in TARGET_CASES:
-    TARGETS[(_c, "512x8142")] = (10.0, 10.0)
-    TARGETS[(_c, "256x1000")] = (5.0, 5.0)
-TARGETS[("CE", "512x8142")] = (3.0, None)
-TARGETS[("CE", "128x100")] = (1.0, None)
+# The acceptance targets of the issues, (min speedup vs eager, vs compiled or None), fp32 forward+backward:
+# core (#2): LDAM and KPS >= 10x eager and compiled at 512x8142, plain CE >= 3x F.cross_entropy there, and
+# no loss slower than eager at 128x100; cloud (#3): GCL >= 10x at 512x8142 and >= 5x at 256x1000.
+TARGETS = {
+    ("LDAM", "512x8142"): (10.0, 10.0),
+    ("KPS", "512x8142"): (10.0, 10.0),
+    ("GCL", "512x8142"): (10.0, 10.0),
+    ("GCL", "256x1000"): (5.0, 5.0),
+    ("CE", "512x8142"): (3.0, None),
+}
+MIN_SPEEDUP_AT = {"128x100": 1.0}  # every case of the loss suite at this shape: no slower than eager
 
 IMPL_ORDER = ["fused", "eager", "compiled"]
 USE_INTERLEAVED = True  # speedups from the interleaved measurement when a suite records one
@@ -262,6 +266,8 @@ def fmt_load(v):
 
 def target_cell(case, shape, dtype, mode, r_eager, r_comp):
     tgt = TARGETS.get((case, shape))
+    if tgt is None and shape in MIN_SPEEDUP_AT:
+        tgt = (MIN_SPEEDUP_AT[shape], None)
     if tgt is None or dtype != "fp32" or mode != "fwd+bwd":
         return ""
     te, tc = tgt
