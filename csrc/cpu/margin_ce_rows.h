@@ -125,6 +125,78 @@ inline void fill_row_normals(uint64_t seed, uint64_t offset, uint64_t row, int64
   }
 }
 
+// v with lane k replaced by value.
+template <typename acc_t>
+inline Vectorized<acc_t> with_lane(const Vectorized<acc_t>& v, int64_t k, acc_t value) {
+  __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  lanes[k] = value;
+  return Vectorized<acc_t>::loadu(lanes);
+}
+
+// Pass 1 of a linear row: z_j = S (r_j c_j + q_j) (r, q optional at compile time) into z, lanes past C
+// set to -inf up to the vector-padded length; returns the lane-wise max. noinline: inlined four times into
+// the row loop, the register allocation of the whole kernel got 20% slower.
+template <bool kR, bool kQ, typename acc_t>
+__attribute__((noinline)) Vectorized<acc_t> logits_row(const acc_t* c, const acc_t* r, const acc_t* q, const Vectorized<acc_t>& vS,
+                                    acc_t* z, int64_t C) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec vmax(-std::numeric_limits<acc_t>::infinity());
+  auto logit = [&](int64_t j, int64_t n) {
+    Vec x = Vec::loadu(c + j, n);
+    if constexpr (kR) x = x * Vec::loadu(r + j, n);
+    if constexpr (kQ) x = x + Vec::loadu(q + j, n);
+    return x * vS;
+  };
+  int64_t j = 0;
+  for (; j + V <= C; j += V) {
+    const Vec zv = logit(j, V);
+    zv.store(z + j);
+    vmax = at::vec::maximum(vmax, zv);
+  }
+  if (j < C) {
+    const Vec zv = Vec::set(Vec(-std::numeric_limits<acc_t>::infinity()), logit(j, C - j), C - j);
+    zv.store(z + j);
+    vmax = at::vec::maximum(vmax, zv);
+  }
+  return vmax;
+}
+
+// Pass 3 of a linear row: grad_j = S r_j (A e_j - D w_j) for j != y and gy at the target, optionally
+// accumulating sum_j (A e_j - D w_j) beta_j for the FBL row shift (returned lane-wise).
+template <typename acc_t>
+struct GradRow {
+  const acc_t *e, *r, *w, *beta;
+  acc_t A, D, S;
+  int64_t y;
+  acc_t gy;
+
+  template <bool kR, bool kD, bool kShift>
+  __attribute__((noinline)) Vectorized<acc_t> store(acc_t* g, int64_t C, bool stream) const {
+    using Vec = Vectorized<acc_t>;
+    const Vec vA(A), vD(D), vS(S), vAS(A * S), vDS(D * S);
+    Vec vshift(0);
+    auto f = [&](int64_t j, int64_t n) {
+      Vec out;
+      if constexpr (kShift) {
+        Vec gz = vA * Vec::loadu(e + j, n);
+        if constexpr (kD) gz = gz - vD * (w ? Vec::loadu(w + j, n) : Vec(1));
+        vshift = vshift + gz * Vec::loadu(beta + j, n);
+        out = gz * vS;
+      } else {
+        out = vAS * Vec::loadu(e + j, n);
+        if constexpr (kD) out = out - vDS * (w ? Vec::loadu(w + j, n) : Vec(1));
+      }
+      if constexpr (kR) out = out * Vec::loadu(r + j, n);
+      if (static_cast<uint64_t>(y - j) < static_cast<uint64_t>(n)) out = with_lane(out, y - j, gy);
+      return out;
+    };
+    (store_row<acc_t>)(g, C, f, stream);
+    return vshift;
+  }
+};
+
 // Vector twin of ltk::angular_logit for non-target columns, whose angle M is the cloud's alone (m = 0):
 // z = S (phi or the fallback) and dz/dc. The fallback threshold cos(pi - M) and the GCLAng fallback
 // c - sin(pi - M) are written as -cos M and c - sin M (equal up to rounding); the ArcFace fallback
@@ -166,11 +238,14 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
   const bool stream = !cast_input && a.N * C * int64_t(sizeof(acc_t)) > kStreamOutputBytes;
+  // Linear logits without the ArcFace clamp: the hot loops are template instantiations without
+  // per-element option tests, which cost about as many instructions as the arithmetic (1.7x overall).
+  const bool affine = a.angular == kLinear;
 
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     std::vector<acc_t> zbuf(Cpad), cbuf(cast_input ? Cpad : 0), pbuf(cloud ? Cpad : 0),
-        jbuf(generic ? Cpad : 0), gbuf((want_grad && cast_input) ? Cpad : 0);
+        jbuf(generic ? Cpad : 0), qbuf(Cpad), gbuf((want_grad && cast_input) ? Cpad : 0);
     std::vector<float> nbuf((cloud && !a.noise) ? (C + 3) / 4 * 4 : 0);
     acc_t* z = zbuf.data();
     for (int64_t i = begin; i < end; ++i) {
@@ -211,29 +286,55 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
       auto elem = [&](int64_t j) { return element_logit(a, j, y, S, t, pert ? pert[j] : acc_t(0), c[j]); };
 
       // ---- pass 1: logits (and, for angular + cloud, the jacobian) and max
-      Vec vmax(ninf), vswz(0);
-      const Vec vS(S), vt(t);
-      for (int64_t j = 0; j < C; j += V) {
-        const int64_t n = std::min<int64_t>(V, C - j);
-        Vec zv;
-        if (!generic) {
-          Vec x = Vec::loadu(c + j, n);
-          if (clamp_c) x = at::vec::clamp(x, Vec(-1), Vec(1));
-          if (a.col_scale) x = x * Vec::loadu(a.col_scale + j, n);
-          if (a.col_bias) x = x + Vec::loadu(a.col_bias + j, n);
-          if (a.shift_coef) x = x + vt * Vec::loadu(a.shift_coef + j, n);
-          if (pert) x = x - Vec::loadu(pert + j, n);
-          zv = x * vS;
-        } else {
-          Vec jac;
-          angular_nontarget_vec(Vec::loadu(c + j, n), Vec::loadu(pert + j, n), a.angular, vS, zv, jac);
-          jac.store(jbuf.data() + j);
+      Vec vmax(ninf);
+      const Vec vS(S);
+      if (affine) {
+        // z_j = S (r_j c_j + q_j) with q_j = b_j + t beta_j - pert_j gathered first, so that the hot loop
+        // is one of four instantiations with no per-element option tests
+        const acc_t* q = nullptr;
+        if (a.col_bias && !a.shift_coef && !pert) {
+          q = a.col_bias;
+        } else if (a.col_bias || a.shift_coef || pert) {
+          acc_t* qb = qbuf.data();
+          if (a.col_bias) std::copy(a.col_bias, a.col_bias + C, qb);
+          else std::fill(qb, qb + C, acc_t(0));
+          if (a.shift_coef) at::vec::map2([t](Vec v, Vec b) { return v + Vec(t) * b; }, qb, qb, a.shift_coef, C);
+          if (pert) at::vec::map2([](Vec v, Vec p) { return v - p; }, qb, qb, pert, C);
+          q = qb;
         }
-        if (n < V) zv = Vec::set(Vec(ninf), zv, n);
-        zv.store(z + j);
-        vmax = at::vec::maximum(vmax, zv);
-        if (smoothing) {
-          const Vec zs = n < V ? Vec::set(Vec(0), zv, n) : zv;
+        vmax = a.col_scale ? (q ? logits_row<true, true>(c, a.col_scale, q, vS, z, C)
+                                : logits_row<true, false>(c, a.col_scale, q, vS, z, C))
+                           : (q ? logits_row<false, true>(c, a.col_scale, q, vS, z, C)
+                                : logits_row<false, false>(c, a.col_scale, q, vS, z, C));
+      } else {
+        const Vec vt(t);
+        for (int64_t j = 0; j < C; j += V) {
+          const int64_t n = std::min<int64_t>(V, C - j);
+          Vec zv;
+          if (!generic) {
+            Vec x = Vec::loadu(c + j, n);
+            if (clamp_c) x = at::vec::clamp(x, Vec(-1), Vec(1));
+            if (a.col_scale) x = x * Vec::loadu(a.col_scale + j, n);
+            if (a.col_bias) x = x + Vec::loadu(a.col_bias + j, n);
+            if (a.shift_coef) x = x + vt * Vec::loadu(a.shift_coef + j, n);
+            if (pert) x = x - Vec::loadu(pert + j, n);
+            zv = x * vS;
+          } else {
+            Vec jac;
+            angular_nontarget_vec(Vec::loadu(c + j, n), Vec::loadu(pert + j, n), a.angular, vS, zv, jac);
+            jac.store(jbuf.data() + j);
+          }
+          if (n < V) zv = Vec::set(Vec(ninf), zv, n);
+          zv.store(z + j);
+          vmax = at::vec::maximum(vmax, zv);
+        }
+      }
+      // label smoothing's sum_j w_j z_j (the target's margin is accounted for below)
+      Vec vswz(0);
+      if (smoothing) {
+        for (int64_t j = 0; j < C; j += V) {
+          const int64_t n = std::min<int64_t>(V, C - j);
+          const Vec zs = Vec::loadu(z + j, n);  // lanes >= n load as 0
           vswz = vswz + (a.weight ? zs * Vec::loadu(a.weight + j, n) : zs);
         }
       }
@@ -290,29 +391,39 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
       } else {
         acc_t* g = cast_input ? gbuf.data() : reinterpret_cast<acc_t*>(grow);
         const acc_t gy = gz_y * jac_y;
-        auto grad_vec = [&](int64_t j, int64_t n) {
-          const Vec gz = dz_vec(j, n);
-          if (a.grad_row_shift) vgshift = vgshift + gz * Vec::loadu(a.shift_coef + j, n);
-          Vec jac;
-          if (generic) {
-            jac = Vec::loadu(jbuf.data() + j, n);
-          } else {
-            jac = a.col_scale ? vS * Vec::loadu(a.col_scale + j, n) : vS;
-            if (clamp_c) {
-              const Vec cv = Vec::loadu(c + j, n);
-              jac = Vec::blendv(Vec(0), jac, (cv > Vec(-1)) & (cv < Vec(1)));
+        if (affine) {
+          // dL/dc_j = S r_j (A e_j - D w_j) off the target; templated on r, D != 0 and the row shift
+          const GradRow<acc_t> gr{z, a.col_scale, a.weight, a.shift_coef, A, D, S, y, gy};
+          const bool R = a.col_scale != nullptr, DW = D != acc_t(0), SH = a.grad_row_shift != nullptr;
+          if (!R && !DW && !SH) vgshift = gr.template store<false, false, false>(g, C, stream);
+          else if (R && !DW && !SH) vgshift = gr.template store<true, false, false>(g, C, stream);
+          else if (!R && DW && !SH) vgshift = gr.template store<false, true, false>(g, C, stream);
+          else if (R && DW && !SH) vgshift = gr.template store<true, true, false>(g, C, stream);
+          else if (!R && !DW && SH) vgshift = gr.template store<false, false, true>(g, C, stream);
+          else if (R && !DW && SH) vgshift = gr.template store<true, false, true>(g, C, stream);
+          else if (!R && DW && SH) vgshift = gr.template store<false, true, true>(g, C, stream);
+          else vgshift = gr.template store<true, true, true>(g, C, stream);
+        } else {
+          auto grad_vec = [&](int64_t j, int64_t n) {
+            const Vec gz = dz_vec(j, n);
+            if (a.grad_row_shift) vgshift = vgshift + gz * Vec::loadu(a.shift_coef + j, n);
+            Vec jac;
+            if (generic) {
+              jac = Vec::loadu(jbuf.data() + j, n);
+            } else {
+              jac = a.col_scale ? vS * Vec::loadu(a.col_scale + j, n) : vS;
+              if (clamp_c) {
+                const Vec cv = Vec::loadu(c + j, n);
+                jac = Vec::blendv(Vec(0), jac, (cv > Vec(-1)) & (cv < Vec(1)));
+              }
             }
-          }
-          Vec out = gz * jac;
-          if (static_cast<uint64_t>(y - j) < static_cast<uint64_t>(n)) {  // the target's own derivative
-            __at_align__ acc_t lanes[V];
-            out.store(lanes);
-            lanes[y - j] = gy;
-            out = Vec::loadu(lanes);
-          }
-          return out;
-        };
-        (store_row<acc_t>)(g, C, grad_vec, stream);
+            Vec out = gz * jac;
+            // the target's own derivative
+            if (static_cast<uint64_t>(y - j) < static_cast<uint64_t>(n)) out = with_lane(out, y - j, gy);
+            return out;
+          };
+          (store_row<acc_t>)(g, C, grad_vec, stream);
+        }
         if (cast_input) at::vec::convert(g, grow, C);
       }
       if (a.grad_row_shift) {
