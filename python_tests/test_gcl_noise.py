@@ -183,6 +183,17 @@ def test_kernel_noise_equals_python_philox(ltk_device, seed, offset):
         torch.testing.assert_close(got, exp, rtol=0, atol=1e-12, msg=lambda m: f"column {col}: {m}")
 
 
+@pytest.mark.parametrize("seed,offset", [(12345, 0), (2**40 + 7, 2**31 + 5)])
+def test_kernel_noise_equals_python_philox_wide_rows(ltk_device, seed, offset):
+    """C = 150: 37 full groups of four (two blocks of 16 groups, the vector body of the AVX-512 generator in
+    csrc/cpu/philox_avx512.h, then its scalar tail) and a partial group; every column equals the port."""
+    N, C = 6, 150
+    exp = py_raw_eps(seed, offset, N, C).clamp(-1, 1).abs()
+    for col in range(C):
+        got = kernel_abs_eps(seed, offset, N, C, col, ltk_device)
+        torch.testing.assert_close(got, exp[:, col], rtol=0, atol=1e-12, msg=lambda m: f"column {col}: {m}")
+
+
 def test_kernel_noise_does_not_depend_on_batch_shape():
     """Counter-based: the value of (row, col) does not depend on N or C, nor on the other columns' clouds."""
     a = kernel_abs_eps(99, 3, 40, 2, 1)

@@ -827,11 +827,12 @@ def isa_parity_check() -> dict:
 
 def cloud_values() -> dict:
     """Losses and grads with the in-kernel Philox cloud (linear, ArcFace, GCLAng modes), float64."""
-    x, t = make_inputs(6, 23, seed=3, spread=1.0)
+    # C = 150: 37 groups of four, so the AVX-512 generator's 16-group vector body is compared too
+    x, t = make_inputs(6, 150, seed=3, spread=1.0)
     out = {}
     for angular in ["linear", "arcface", "gclang"]:
         xr = x.clone().requires_grad_(True)
-        loss = fused(xr, t, scale=10.0, margin=0.3, cloud=class_vec(23, 0, 1, 9), seed=torch.tensor([987654321]),
+        loss = fused(xr, t, scale=10.0, margin=0.3, cloud=class_vec(150, 0, 1, 9), seed=torch.tensor([987654321]),
                      offset=5, angular=angular, angular_eps=0.1, reduction="none")
         (g,) = torch.autograd.grad(loss.sum(), xr)
         out[angular] = [loss.tolist(), g.flatten().tolist()]
