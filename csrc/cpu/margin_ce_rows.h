@@ -249,6 +249,7 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
   // Linear logits without the ArcFace clamp: the hot loops are template instantiations without
   // per-element option tests, which cost about as many instructions as the arithmetic (1.7x overall).
   const bool affine = a.angular == kLinear;
+  const bool pert_only = affine && cloud && !a.col_bias && !a.shift_coef;
 
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
@@ -286,8 +287,18 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
         } else {
           float* nz = nbuf.data();
           fill_row_normals(a.seed, a.offset, static_cast<uint64_t>(i), (C + 3) / 4, nz);
+          if (pert_only) {  // GCL: the offset vector of pass 1 is -pert, written in the same loop
+            acc_t* qb = qbuf.data();
 #pragma omp simd
-          for (int64_t j = 0; j < C; ++j) p[j] = cloud_perturbation(a, j, scale_noise<acc_t>(nz[j]));
+            for (int64_t j = 0; j < C; ++j) {
+              const acc_t pj = cloud_perturbation(a, j, scale_noise<acc_t>(nz[j]));
+              p[j] = pj;
+              qb[j] = -pj;
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < C; ++j) p[j] = cloud_perturbation(a, j, scale_noise<acc_t>(nz[j]));
+          }
         }
         pert = p;
       }
@@ -302,6 +313,8 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
         const acc_t* q = nullptr;
         if (a.col_bias && !a.shift_coef && !pert) {
           q = a.col_bias;
+        } else if (pert_only && !a.noise) {
+          q = qbuf.data();  // filled with the perturbation above
         } else if (a.col_bias || a.shift_coef || pert) {
           acc_t* qb = qbuf.data();
           if (a.col_bias) std::copy(a.col_bias, a.col_bias + C, qb);
