@@ -43,7 +43,14 @@ TARGETS = {
     ("GCL", "512x8142"): (10.0, 10.0),
     ("GCL", "256x1000"): (5.0, 5.0),
     ("CE", "512x8142"): (3.0, None),
+    # regularisers (#7): uniformity forward+backward at C = 8142, D = 2048 at least 3x faster than eager
+    ("uniformity-gaussian", "8142x2048"): (3.0, None),
+    ("uniformity-riesz", "8142x2048"): (3.0, None),
 }
+# cosine head (#4): head forward+backward <= 1.15x its three GEMMs (interleaved, single thread), and head +
+# loss at 1024x512x100000 peaking at <= 1/4 of eager's memory
+HEAD_GEMMS_MAX = 1.15
+HEAD_MEMORY_SHAPE, HEAD_MEMORY_FRACTION = "1024x512x100000", 0.25
 MIN_SPEEDUP_AT = {"128x100": 1.0}  # every case of the loss suite at this shape: no slower than eager
 
 IMPL_ORDER = ["fused", "eager", "compiled"]
@@ -206,7 +213,7 @@ def pivot(benches: list[dict], stat: str):
         suites[suite][key][ei["impl"]] = {"t": b["stats"][stat], "mem": ei.get("peak_mem_bytes"),
                                           "nc": ei.get("nc_bytes"), "rounds": b["stats"].get("rounds"),
                                           "inter": ei.get("vs_fused_interleaved") if USE_INTERLEAVED else None,
-                                          "load": ei.get("other_load")}
+                                          "load": ei.get("other_load"), "vs_3_gemms": ei.get("vs_3_gemms")}
         if ei["case"] not in case_order[suite]:
             case_order[suite].append(ei["case"])
     return suites, others, case_order
@@ -308,6 +315,24 @@ def loss_tables(rows: dict, case_order: list[str]) -> tuple[list[str], list[list
     return lines, target_rows
 
 
+def head_target_rows(rows: dict) -> list[list[str]]:
+    """Target rows of the cosine-head suite: [what, shape, measured, target]."""
+    out = []
+    for (case, shape, dtype, mode), d in sorted(rows.items(), key=lambda kv: _shape_key(kv[0][1])):
+        fused, gemms = d.get("fused", {}), d.get("gemms", {})
+        if case == "head" and fused.get("vs_3_gemms") is not None:
+            r = fused["vs_3_gemms"]
+            out.append(["head fwd+bwd ÷ its 3 GEMMs", shape, f"{r:.3f}× ({fmt_ms(fused.get('t'))} ms vs "
+                        f"{fmt_ms(gemms.get('t'))} ms)", f"≤{HEAD_GEMMS_MAX:g}× {'✓' if r <= HEAD_GEMMS_MAX else '✗'}"])
+        chunked, eager = d.get("chunked", {}), d.get("eager", {})
+        if shape == HEAD_MEMORY_SHAPE and chunked.get("mem") and eager.get("mem"):
+            f = chunked["mem"] / eager["mem"]
+            out.append([f"{case} peak memory, chunked ÷ eager", shape,
+                        f"{f:.3f} ({chunked['mem'] / 2**20:.0f} MiB vs {eager['mem'] / 2**20:.0f} MiB)",
+                        f"≤{HEAD_MEMORY_FRACTION:g} {'✓' if f <= HEAD_MEMORY_FRACTION else '✗'}"])
+    return out
+
+
 def generic_suite_table(name: str, rows: dict, case_order: list[str]) -> list[str]:
     impls: list[str] = []
     for d in rows.values():
@@ -384,6 +409,7 @@ def render_markdown(benches, machine, stat, wall=None, png_name="results.png"):
              f"minus this process), ⚠ above {NOISY}: those timings are disturbed.", ""]
     lines += machine_lines(machine, wall)
     target_rows: list = []
+    head_rows: list = []
     body: list[str] = []
     for suite in sorted(suites, key=lambda s: (s != "losses", s)):
         rows = suites[suite]
@@ -396,6 +422,7 @@ def render_markdown(benches, machine, stat, wall=None, png_name="results.png"):
             target_rows += trg
         else:
             body += generic_suite_table(suite, rows, case_order[suite])
+            head_rows += head_target_rows(rows)
     if others:
         body += other_table(others, stat)
     if target_rows:
@@ -404,8 +431,9 @@ def render_markdown(benches, machine, stat, wall=None, png_name="results.png"):
                   "other load |",
                   "|---|---|--:|--:|--:|--:|--:|---|--:|"]
         lines += ["| " + " | ".join(r) + " |" for r in target_rows]
+    lines += head_table(head_rows)
     lines += ["", f"![speedups]({png_name})", "", "## All cases"] + body
-    return "\n".join(lines) + "\n", suites, target_rows
+    return "\n".join(lines) + "\n", suites, (target_rows, head_rows)
 
 
 def plot(suites, path: Path, case_order) -> bool:
@@ -465,7 +493,15 @@ def plot(suites, path: Path, case_order) -> bool:
     return True
 
 
-def update_readme(readme: Path, target_rows, md_rel: str) -> bool:
+def head_table(head_rows) -> list[str]:
+    if not head_rows:
+        return []
+    return (["", "Cosine head (fp32):", "", "| measure | N×D×C | measured | target |", "|---|---|---|---|"]
+            + ["| " + " | ".join(r) + " |" for r in head_rows])
+
+
+def update_readme(readme: Path, targets, md_rel: str) -> bool:
+    target_rows, head_rows = targets
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         print(f"{readme}: no {README_START} ... {README_END} markers; not updated")
@@ -475,6 +511,7 @@ def update_readme(readme: Path, target_rows, md_rel: str) -> bool:
              "other load |",
              "|---|---|--:|--:|--:|--:|--:|---|--:|"]
     block += ["| " + " | ".join(r) + " |" for r in target_rows]
+    block += head_table(head_rows)
     block += ["", README_END]
     a, rest = text.split(README_START, 1)
     _, b = rest.split(README_END, 1)
