@@ -258,6 +258,27 @@ def test_fused_float32_with_kernel_noise(ltk_device):
     torch.testing.assert_close(lf.double().cpu(), lr, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("C", [64, 150])
+def test_fused_float32_with_kernel_noise_wide_rows(ltk_device, C):
+    """float32 rows wide enough for the AVX-512 path that turns the generator's 64-column blocks straight
+    into GCL's offsets (csrc/cpu/philox_avx512.h, fill_row_cloud_offsets; C = 150 also has a column tail):
+    loss and gradient equal the reference fed the port's noise."""
+    counts = [int(5000 * 0.01 ** (i / (C - 1))) + 1 for i in range(C)]
+    fused = L.GCLLoss(counts, m=0.1, s=20, noise_mul=0.5).to(ltk_device)
+    refm = R.GCLLoss(counts, m=0.1, s=20, noise_mul=0.5)
+    x, t = _cos_batch(N=24, C=C, seed=5)
+    x32 = x.float()
+    noise = py_raw_eps(91, 3, *x.shape, dtype=torch.float32)
+    xr = x32.double().requires_grad_(True)
+    lr = refm(xr, t, noise=noise.double())
+    (gr,) = torch.autograd.grad(lr, xr)
+    xf = x32.to(ltk_device).requires_grad_(True)
+    lf = fused(xf, t.to(ltk_device), seed=torch.tensor([91]), offset=3)
+    (gf,) = torch.autograd.grad(lf, xf)
+    torch.testing.assert_close(lf.double().cpu(), lr.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gf.double().cpu(), gr, rtol=1e-4, atol=20 * 1e-6 / 24)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # statistics of the kernel's draw
 # ----------------------------------------------------------------------------------------------------------

@@ -250,6 +250,11 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
   // per-element option tests, which cost about as many instructions as the arithmetic (1.7x overall).
   const bool affine = a.angular == kLinear;
   const bool pert_only = affine && cloud && !a.col_bias && !a.shift_coef;
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool fused_cloud_offsets = pert_only && !a.noise && std::is_same_v<acc_t, float>;
+#else
+  const bool fused_cloud_offsets = false;
+#endif
 
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
@@ -284,6 +289,17 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
         if (a.noise) {
 #pragma omp simd
           for (int64_t j = 0; j < C; ++j) p[j] = cloud_perturbation(a, j, a.noise[i * C + j]);
+        } else if (fused_cloud_offsets) {
+          // GCL, AVX-512, float: the pass-1 offsets straight from the generator; of the perturbation
+          // itself only the target's is read (by elem(y))
+#if defined(CPU_CAPABILITY_AVX512)
+          if constexpr (std::is_same_v<acc_t, float>) {
+            avx512::fill_row_cloud_offsets(a.seed, a.offset, static_cast<uint64_t>(i), C, a.noise_mul, a.cloud,
+                                           qbuf.data());
+          }
+#endif
+          p[y] = cloud_perturbation(
+              a, y, scale_noise<acc_t>(philox::normal_at(a.seed, a.offset, static_cast<uint64_t>(i), y)));
         } else {
           float* nz = nbuf.data();
           fill_row_normals(a.seed, a.offset, static_cast<uint64_t>(i), (C + 3) / 4, nz);

@@ -84,39 +84,43 @@ inline void sincos_2pi(__m512 t, __m512& s, __m512& c) {
   c = _mm512_mask_mov_ps(_mm512_mask_mov_ps(_mm512_mask_mov_ps(cx, q1, nsx), q2, ncx), q3, sx);
 }
 
-// Standard normals of one row, groups [0, groups) of four columns, into out[4 * groups].
-inline void fill_row_normals(uint64_t seed, uint64_t offset, uint64_t row, int64_t groups, float* out) {
-  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
-  const __m512i vM0 = _mm512_set1_epi32(static_cast<int>(M0)), vM1 = _mm512_set1_epi32(static_cast<int>(M1));
-  const __m512i c1_0 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
-  const __m512i c2_0 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(row)));
-  const __m512i c3_0 =
-      _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>((row >> 32) ^ (offset >> 32))));
-  __m512i keys0[10], keys1[10];
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r, k0 += W0, k1 += W1) {
-    keys0[r] = _mm512_set1_epi32(static_cast<int>(k0));
-    keys1[r] = _mm512_set1_epi32(static_cast<int>(k1));
+// Counters and keys of one row; block(k) gives the normals of groups [k, k + 16) as four vectors of 16
+// consecutive columns (4k .. 4k + 63).
+struct PhiloxRow {
+  __m512i c1, c2, c3, keys0[10], keys1[10];
+
+  PhiloxRow(uint64_t seed, uint64_t offset, uint64_t row) {
+    constexpr uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+    c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+    c2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(row)));
+    c3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>((row >> 32) ^ (offset >> 32))));
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < 10; ++r, k0 += W0, k1 += W1) {
+      keys0[r] = _mm512_set1_epi32(static_cast<int>(k0));
+      keys1[r] = _mm512_set1_epi32(static_cast<int>(k1));
+    }
   }
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  int64_t k = 0;
-  for (; k + 16 <= groups; k += 16) {
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(k))), lane);
-    __m512i c1 = c1_0, c2 = c2_0, c3 = c3_0;
+
+  void block(int64_t k, __m512& o0, __m512& o1, __m512& o2, __m512& o3) const {
+    const __m512i vM0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+    const __m512i vM1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(k))), lane);
+    __m512i x1 = c1, x2 = c2, x3 = c3;
     for (int r = 0; r < 10; ++r) {
       __m512i hi0, lo0, hi1, lo1;
-      mul_hi_lo(c0, vM0, hi0, lo0);
-      mul_hi_lo(c2, vM1, hi1, lo1);
-      c0 = _mm512_ternarylogic_epi32(hi1, c1, keys0[r], 0x96);  // three-way xor
-      c1 = lo1;
-      c2 = _mm512_ternarylogic_epi32(hi0, c3, keys1[r], 0x96);
-      c3 = lo0;
+      mul_hi_lo(x0, vM0, hi0, lo0);
+      mul_hi_lo(x2, vM1, hi1, lo1);
+      x0 = _mm512_ternarylogic_epi32(hi1, x1, keys0[r], 0x96);  // three-way xor
+      x1 = lo1;
+      x2 = _mm512_ternarylogic_epi32(hi0, x3, keys1[r], 0x96);
+      x3 = lo0;
     }
-    const __m512 r0 = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_unit(uniform_open(c0))));
-    const __m512 r1 = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_unit(uniform_open(c2))));
+    const __m512 r0 = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_unit(uniform_open(x0))));
+    const __m512 r1 = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_unit(uniform_open(x2))));
     __m512 s0, co0, s1, co1;
-    sincos_2pi(uniform_open(c1), s0, co0);
-    sincos_2pi(uniform_open(c3), s1, co1);
+    sincos_2pi(uniform_open(x1), s0, co0);
+    sincos_2pi(uniform_open(x3), s1, co1);
     const __m512 v0 = _mm512_mul_ps(r0, co0), v1 = _mm512_mul_ps(r0, s0);
     const __m512 v2 = _mm512_mul_ps(r1, co1), v3 = _mm512_mul_ps(r1, s1);
     // 4 x 16 transpose: output vector m holds groups 4m..4m+3, each as (v0, v1, v2, v3)
@@ -129,18 +133,79 @@ inline void fill_row_normals(uint64_t seed, uint64_t offset, uint64_t row, int64
     // g0: groups 0, 4, 8, 12 (one per 128-bit block); g1: 1, 5, 9, 13; g2: 2, 6, ...; g3: 3, 7, ...
     const __m512 t0 = _mm512_shuffle_f32x4(g0, g1, 0x44), t1 = _mm512_shuffle_f32x4(g2, g3, 0x44);
     const __m512 t2 = _mm512_shuffle_f32x4(g0, g1, 0xEE), t3 = _mm512_shuffle_f32x4(g2, g3, 0xEE);
-    float* o = out + 4 * k;
-    _mm512_storeu_ps(o, _mm512_shuffle_f32x4(t0, t1, 0x88));
-    _mm512_storeu_ps(o + 16, _mm512_shuffle_f32x4(t0, t1, 0xDD));
-    _mm512_storeu_ps(o + 32, _mm512_shuffle_f32x4(t2, t3, 0x88));
-    _mm512_storeu_ps(o + 48, _mm512_shuffle_f32x4(t2, t3, 0xDD));
+    o0 = _mm512_shuffle_f32x4(t0, t1, 0x88);
+    o1 = _mm512_shuffle_f32x4(t0, t1, 0xDD);
+    o2 = _mm512_shuffle_f32x4(t2, t3, 0x88);
+    o3 = _mm512_shuffle_f32x4(t2, t3, 0xDD);
   }
+};
+
+inline void scalar_groups(uint64_t seed, uint64_t offset, uint64_t row, int64_t k, int64_t groups, float* out) {
   for (; k < groups; ++k) {
     const philox::Normal4 v = philox::normal4(seed, offset, row, static_cast<uint64_t>(k));
     out[4 * k] = v.v0;
     out[4 * k + 1] = v.v1;
     out[4 * k + 2] = v.v2;
     out[4 * k + 3] = v.v3;
+  }
+}
+
+// Standard normals of one row, groups [0, groups) of four columns, into out[4 * groups].
+inline void fill_row_normals(uint64_t seed, uint64_t offset, uint64_t row, int64_t groups, float* out) {
+  const PhiloxRow pr(seed, offset, row);
+  int64_t k = 0;
+  for (; k + 16 <= groups; k += 16) {
+    __m512 o0, o1, o2, o3;
+    pr.block(k, o0, o1, o2, o3);
+    float* o = out + 4 * k;
+    _mm512_storeu_ps(o, o0);
+    _mm512_storeu_ps(o + 16, o1);
+    _mm512_storeu_ps(o + 32, o2);
+    _mm512_storeu_ps(o + 48, o3);
+  }
+  scalar_groups(seed, offset, row, k, groups, out);
+}
+
+// GCL's linear cloud straight from the generator (float accumulation): q_j = -(noise_mul |clamp(n_j / 3,
+// -1, 1)|) delta_j for j < C, the operations of ltk::scale_noise and ltk::cloud_perturbation, without
+// the intermediate normals buffer.
+inline void fill_row_cloud_offsets(uint64_t seed, uint64_t offset, uint64_t row, int64_t C, float noise_mul,
+                                   const float* delta, float* q) {
+  const PhiloxRow pr(seed, offset, row);
+  const __m512 third = _mm512_set1_ps(static_cast<float>(1.0 / 3.0)), one = _mm512_set1_ps(1.0f);
+  const __m512 k = _mm512_set1_ps(noise_mul);
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  auto offsets = [&](__m512 n, int64_t j) {
+    const __m512 a = _mm512_min_ps(_mm512_andnot_ps(sign, _mm512_mul_ps(n, third)), one);  // |clamp(eps)|
+    const __m512 p = _mm512_mul_ps(_mm512_mul_ps(k, a), _mm512_loadu_ps(delta + j));
+    _mm512_storeu_ps(q + j, _mm512_xor_ps(p, sign));
+  };
+  int64_t j = 0;
+  for (; j + 64 <= C; j += 64) {
+    __m512 o0, o1, o2, o3;
+    pr.block(j / 4, o0, o1, o2, o3);
+    offsets(o0, j);
+    offsets(o1, j + 16);
+    offsets(o2, j + 32);
+    offsets(o3, j + 48);
+  }
+  if (j < C) {  // fewer than 64 columns left: their (at most 16) groups one by one
+    alignas(64) float n[64];
+    const int64_t k0 = j / 4, groups = (C + 3) / 4;
+    for (int64_t g = k0; g < groups; ++g) {
+      const philox::Normal4 v = philox::normal4(seed, offset, row, static_cast<uint64_t>(g));
+      float* o = n + 4 * (g - k0);
+      o[0] = v.v0;
+      o[1] = v.v1;
+      o[2] = v.v2;
+      o[3] = v.v3;
+    }
+    const float third_s = static_cast<float>(1.0 / 3.0);
+    for (; j < C; ++j) {
+      float eps = n[j - 4 * k0] * third_s;
+      eps = eps > 1.0f ? 1.0f : (eps < -1.0f ? -1.0f : eps);
+      q[j] = -(noise_mul * (eps < 0.0f ? -eps : eps) * delta[j]);
+    }
   }
 }
 
