@@ -136,7 +136,10 @@ def run_chunked(args) -> tuple[list[Path], float, int]:
 # Loading and pivoting
 # ----------------------------------------------------------------------------------------------
 
-def load(paths: list[Path]) -> tuple[list[dict], dict]:
+def load(paths: list[Path], later_wins: bool = False) -> tuple[list[dict], dict]:
+    """Benchmarks of several JSON files. A case in more than one file: the measurement taken with less load
+    from other processes (re-runs of noisy cases), or with ``later_wins`` the later file's (re-measurement
+    after a code change)."""
     benches: "OrderedDict[str, dict]" = OrderedDict()
     machine: dict = {}
     for p in paths:
@@ -148,13 +151,17 @@ def load(paths: list[Path]) -> tuple[list[dict], dict]:
         if lt_old:  # several files: load at the start of the first, wall time summed
             lt_new["loadavg_start"] = lt_old.get("loadavg_start", lt_new.get("loadavg_start"))
             lt_new["wall_s"] = (lt_old.get("wall_s") or 0) + (lt_new.get("wall_s") or 0)
+            for k in ("sizes", "dtypes"):  # the merged table covers the union
+                merged = list(lt_old.get(k) or [])
+                merged += [v for v in (lt_new.get(k) or []) if v not in merged]
+                lt_new[k] = merged
         if lt_new:
             mi["ltkernels"] = lt_new
         machine = dict(mi or machine, _commit=data.get("commit_info", {}), _datetime=data.get("datetime"))
         for b in data.get("benchmarks", []):
             key = b.get("fullname") or b["name"]
             old = benches.get(key)
-            if old is not None and _load_of(old) is not None and _load_of(b) is not None \
+            if not later_wins and old is not None and _load_of(old) is not None and _load_of(b) is not None \
                     and _load_of(old) <= _load_of(b):
                 continue  # keep the measurement taken with less load from other processes
             benches[key] = b  # otherwise later files win
@@ -550,6 +557,9 @@ def main(argv=None) -> int:
     ap.add_argument("--noisy", type=float, default=NOISY, help="other-process load (cores) that flags a case")
     ap.add_argument("--quiet-wait", type=float, default=300.0,
                     help="seconds to wait for a quiet machine before each re-run (default 300)")
+    ap.add_argument("--later-wins", action="store_true",
+                    help="with --json: a case measured in several files takes the later file's measurement "
+                         "(re-measured after a code change) instead of the one taken under less load")
     ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (results.md, results.png)")
     ap.add_argument("--update-readme", nargs="?", const=ROOT / "README.md", type=Path, default=None,
                     help=f"rewrite the block between {README_START} and {README_END} in README.md")
@@ -586,7 +596,7 @@ def main(argv=None) -> int:
             wall += time.time() - t0  # the wait for quiet included
             if out2.exists():
                 paths.append(out2)
-    benches, machine = load(paths)
+    benches, machine = load(paths, later_wins=args.later_wins)
     md, suites, target_rows = render_markdown(benches, machine, args.stat, wall)
     args.out.mkdir(parents=True, exist_ok=True)
     md_path = args.out / "results.md"
