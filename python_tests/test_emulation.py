@@ -25,7 +25,8 @@ def L():
 
 @pytest.fixture(autouse=True)
 def _default_options(L):
-    emu.set_options(seed=0x5EED, schedule="random", timeout_s=60.0, sm_count=4, poison=True, shuffle_blocks=True)
+    emu.set_options(seed=0x5EED, schedule="random", timeout_s=60.0, sm_count=4, poison=True, shuffle_blocks=True,
+                    clamp_grid=0)
     yield
 
 

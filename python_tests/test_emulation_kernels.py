@@ -68,6 +68,7 @@ def _default_options(L):
     emu.set_options(seed=SEEDS[0], schedule="random", timeout_s=60.0, sm_count=4, poison=True,
                     shuffle_blocks=True, clamp_grid=0)
     yield
+    emu.set_options(clamp_grid=0)  # process-wide: must not leak into the next test module
 
 
 def _acc(dtype):
