@@ -31,6 +31,9 @@ def _margin_ce_callable():
     if torch.compiler.is_compiling() or getattr(_MARGIN_CE, "_pyobj_dispatcher", None) is not None:
         return _MARGIN_CE
     return getattr(_MARGIN_CE, "_op", _MARGIN_CE)
+
+
+_CLASS_VECTORS = ("col_scale", "col_bias", "margin", "target_scale", "weight", "shift_coef", "cloud")
 _INDEX_DTYPES = frozenset(d for d in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
                                       getattr(torch, "uint16", None), getattr(torch, "uint32", None),
                                       getattr(torch, "uint64", None)) if d is not None)
@@ -146,23 +149,10 @@ def margin_cross_entropy(
     if target.dtype != torch.int64:
         target = target.to(torch.int64)
 
-    # (spelled out rather than looped: this wrapper is part of the per-call cost at small shapes)
-    if col_scale is not None:
-        col_scale = _class_vector(col_scale, "col_scale", c, input)
-    if col_bias is not None:
-        col_bias = _class_vector(col_bias, "col_bias", c, input)
-    if margin is not None:
-        margin = _class_vector(margin, "margin", c, input)
-    if target_scale is not None:
-        target_scale = _class_vector(target_scale, "target_scale", c, input)
-    if weight is not None:
-        weight = _class_vector(weight, "weight", c, input)
-    if shift_coef is not None:
-        shift_coef = _class_vector(shift_coef, "shift_coef", c, input)
-    if cloud is not None:
-        cloud = _class_vector(cloud, "cloud", c, input)
-    if row_shift is not None:
-        row_shift = _class_vector(row_shift, "row_shift", n, input)
+    col_scale, col_bias, margin, target_scale, weight, shift_coef, cloud = [
+        v if v is None else _class_vector(v, name, c, input)
+        for v, name in zip((col_scale, col_bias, margin, target_scale, weight, shift_coef, cloud), _CLASS_VECTORS)]
+    row_shift = _class_vector(row_shift, "row_shift", n, input)
     if noise is not None and tuple(noise.shape) != (n, c):
         raise ValueError(f"noise must have the input's shape {(n, c)}, got {tuple(noise.shape)}")
     if cloud is not None and noise is None and seed is None:

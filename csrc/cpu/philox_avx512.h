@@ -140,16 +140,6 @@ struct PhiloxRow {
   }
 };
 
-inline void scalar_groups(uint64_t seed, uint64_t offset, uint64_t row, int64_t k, int64_t groups, float* out) {
-  for (; k < groups; ++k) {
-    const philox::Normal4 v = philox::normal4(seed, offset, row, static_cast<uint64_t>(k));
-    out[4 * k] = v.v0;
-    out[4 * k + 1] = v.v1;
-    out[4 * k + 2] = v.v2;
-    out[4 * k + 3] = v.v3;
-  }
-}
-
 // Standard normals of one row, groups [0, groups) of four columns, into out[4 * groups].
 inline void fill_row_normals(uint64_t seed, uint64_t offset, uint64_t row, int64_t groups, float* out) {
   const PhiloxRow pr(seed, offset, row);
@@ -163,7 +153,7 @@ inline void fill_row_normals(uint64_t seed, uint64_t offset, uint64_t row, int64
     _mm512_storeu_ps(o + 32, o2);
     _mm512_storeu_ps(o + 48, o3);
   }
-  scalar_groups(seed, offset, row, k, groups, out);
+  philox::normals_groups(seed, offset, row, k, groups, out + 4 * k);
 }
 
 // GCL's linear cloud straight from the generator (float accumulation): q_j = -(noise_mul |clamp(n_j / 3,
@@ -192,14 +182,7 @@ inline void fill_row_cloud_offsets(uint64_t seed, uint64_t offset, uint64_t row,
   if (j < C) {  // fewer than 64 columns left: their (at most 16) groups one by one
     alignas(64) float n[64];
     const int64_t k0 = j / 4, groups = (C + 3) / 4;
-    for (int64_t g = k0; g < groups; ++g) {
-      const philox::Normal4 v = philox::normal4(seed, offset, row, static_cast<uint64_t>(g));
-      float* o = n + 4 * (g - k0);
-      o[0] = v.v0;
-      o[1] = v.v1;
-      o[2] = v.v2;
-      o[3] = v.v3;
-    }
+    philox::normals_groups(seed, offset, row, k0, groups, n);
     const float third_s = static_cast<float>(1.0 / 3.0);
     for (; j < C; ++j) {
       float eps = n[j - 4 * k0] * third_s;

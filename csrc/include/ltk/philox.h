@@ -153,5 +153,21 @@ LTK_HD float normal_at(uint64_t seed, uint64_t offset, uint64_t row, uint64_t co
   return u == 0 ? n.v0 : u == 1 ? n.v1 : u == 2 ? n.v2 : n.v3;
 }
 
+#if !defined(__CUDACC__)
+// Host: the normals of groups [k0, k1) of one row, group k's four at out[4 (k - k0)]. The body has no calls
+// and no data-dependent branches, so `omp simd` vectorises it across groups.
+inline void normals_groups(uint64_t seed, uint64_t offset, uint64_t row, int64_t k0, int64_t k1, float* out) {
+#pragma omp simd
+  for (int64_t k = k0; k < k1; ++k) {
+    const Normal4 v = normal4(seed, offset, row, static_cast<uint64_t>(k));
+    float* o = out + 4 * (k - k0);
+    o[0] = v.v0;
+    o[1] = v.v1;
+    o[2] = v.v2;
+    o[3] = v.v3;
+  }
+}
+#endif
+
 }  // namespace philox
 }  // namespace ltk
