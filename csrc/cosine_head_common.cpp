@@ -299,6 +299,8 @@ class CosineLogitsFunction : public torch::autograd::Function<CosineLogitsFuncti
     ctx->save_for_backward({features, weight, xn, wn, keep_logits ? out : at::Tensor()});
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({xn, wn});
+    // the norms' gradients are never used: no zero tensors for them (two allocations and fills a step)
+    ctx->set_materialize_grads(false);
     return {out, xn, wn};
   }
 
@@ -312,6 +314,11 @@ class CosineLogitsFunction : public torch::autograd::Function<CosineLogitsFuncti
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     if (!grads[0].defined() || !(need_x || need_w)) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto saved = ctx->get_saved_variables();
+    // The backward op has no autograd kernel. Outside create_graph nothing records a graph anyway, so skip
+    // the autograd fallback's checks; under create_graph the fallback marks the result as not
+    // differentiable twice (an error on use, not a silently missing term).
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     const std::optional<at::Tensor> logits = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
     auto [gx, gw] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["eps"].toDouble(),
                             need_x, need_w, 0, logits);

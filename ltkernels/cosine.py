@@ -22,11 +22,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import _ops  # noqa: F401  (loads ltkernels._C: registers torch.ops.ltkernels.*)
+from . import _ops  # (loading it registers torch.ops.ltkernels.*)
 
 __all__ = ["cosine_logits", "NormedLinear", "cosine_head_loss"]
 
 ops = torch.ops.ltkernels
+_COSINE_LOGITS = ops.cosine_logits.default
 
 LAYOUTS = ("in_out", "out_in")
 EPS = 1e-12
@@ -144,7 +145,7 @@ def cosine_logits(features: Tensor, weight: Tensor, *, layout: str = "in_out", e
         (N, C) cosines, differentiable w.r.t. both inputs (gradients in each input's layout).
     """
     x, w = _prepare(features, weight, layout, eps, "cosine_logits")
-    return ops.cosine_logits(x, w, float(eps))[0]
+    return _ops.callable_of(_COSINE_LOGITS)(x, w, float(eps))[0]
 
 
 # ---------------------------------------------------------------------------------------------------

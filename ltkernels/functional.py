@@ -24,15 +24,6 @@ __all__ = ["margin_cross_entropy", "draw_seed"]
 _MARGIN_CE = _ops.ops.margin_ce.default
 
 
-def _margin_ce_callable():
-    """The op to call: OpOverload.__call__ only forwards to its C++ callable ``_op`` (unless a Python-object
-    dispatcher was enabled on it), and its Python frame costs ~5 us a call, as much as the whole of
-    F.cross_entropy's forward at 128 x 100. torch.compile traces the OpOverload itself."""
-    if torch.compiler.is_compiling() or getattr(_MARGIN_CE, "_pyobj_dispatcher", None) is not None:
-        return _MARGIN_CE
-    return getattr(_MARGIN_CE, "_op", _MARGIN_CE)
-
-
 _CLASS_VECTORS = ("col_scale", "col_bias", "margin", "target_scale", "weight", "shift_coef", "cloud")
 _INDEX_DTYPES = frozenset(d for d in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
                                       getattr(torch, "uint16", None), getattr(torch, "uint32", None),
@@ -168,7 +159,7 @@ def margin_cross_entropy(
             red = _ops.REDUCTIONS["batch_mean"]  # the official focal loss averages over the batch
     compute_grad = torch.is_grad_enabled() and (
         input.requires_grad or (row_shift is not None and row_shift.requires_grad))
-    loss, _, _ = _margin_ce_callable()(
+    loss, _, _ = _ops.callable_of(_MARGIN_CE)(
         input, target, col_scale, col_bias, margin, target_scale, weight,
         row_shift, shift_coef, cloud, noise, seed, float(scale), float(noise_mul),
         float(angular_eps), int(offset), _ops.ANGULAR[angular], red, focal, gamma, int(ignore_index),
