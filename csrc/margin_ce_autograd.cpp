@@ -36,7 +36,15 @@ bool is_plain_cpu_one(const at::Tensor& g) {
   if (ks.has(c10::DispatchKey::Python) || ks.has(c10::DispatchKey::Functionalize) ||
       ks.has(c10::DispatchKey::PythonTLSSnapshot) || g.is_meta())
     return false;
-  return g.item<double>() == 1.0;
+  if (g.layout() != at::kStrided || !g.has_storage()) return false;
+  // read in place: item() is a dispatched op (~3 us, as much as 10% of a 128 x 100 training step)
+  switch (g.scalar_type()) {
+    case at::kFloat: return *g.const_data_ptr<float>() == 1.0f;
+    case at::kDouble: return *g.const_data_ptr<double>() == 1.0;
+    case at::kHalf: return static_cast<float>(*g.const_data_ptr<at::Half>()) == 1.0f;
+    case at::kBFloat16: return static_cast<float>(*g.const_data_ptr<at::BFloat16>()) == 1.0f;
+    default: return false;
+  }
 }
 
 class MarginCeFunction : public torch::autograd::Function<MarginCeFunction> {
