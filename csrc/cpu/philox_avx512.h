@@ -56,6 +56,9 @@ inline __m512 log_unit(__m512 u) {
   return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(0.693147180559945f)), lnm);
 }
 
+// With kAbs, |sin| and |cos| only (GCL uses |eps|): the quadrant then only decides whether the two
+// polynomials swap, and no sign is applied; the magnitudes are bit for bit those of the signed version.
+template <bool kAbs = false>
 inline void sincos_2pi(__m512 t, __m512& s, __m512& c) {
   const __m512 q4 = _mm512_mul_ps(t, _mm512_set1_ps(4.0f));
   const __m512i qi = _mm512_cvttps_epi32(_mm512_add_ps(q4, _mm512_set1_ps(0.5f)));
@@ -74,6 +77,13 @@ inline void sincos_2pi(__m512 t, __m512& s, __m512& c) {
   cp = poly_step(cp, x2, 4.1666667e-2f);
   cp = poly_step(cp, x2, -0.5f);
   const __m512 cx = poly_step(cp, x2, 1.0f);
+  if constexpr (kAbs) {
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
+    const __mmask16 odd = _mm512_test_epi32_mask(qi, _mm512_set1_epi32(1));  // quadrants 1 and 3 swap
+    s = _mm512_andnot_ps(sign, _mm512_mask_blend_ps(odd, sx, cx));
+    c = _mm512_andnot_ps(sign, _mm512_mask_blend_ps(odd, cx, sx));
+    return;
+  }
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
   const __m512 nsx = _mm512_xor_ps(sx, sign), ncx = _mm512_xor_ps(cx, sign);
   const __mmask16 q1 = _mm512_cmpeq_epi32_mask(q, _mm512_set1_epi32(1));
@@ -101,6 +111,8 @@ struct PhiloxRow {
     }
   }
 
+  // kAbs: the magnitudes |normal| (bit for bit those of the signed normals).
+  template <bool kAbs = false>
   void block(int64_t k, __m512& o0, __m512& o1, __m512& o2, __m512& o3) const {
     const __m512i vM0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
     const __m512i vM1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
@@ -119,8 +131,8 @@ struct PhiloxRow {
     const __m512 r0 = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_unit(uniform_open(x0))));
     const __m512 r1 = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_unit(uniform_open(x2))));
     __m512 s0, co0, s1, co1;
-    sincos_2pi(uniform_open(x1), s0, co0);
-    sincos_2pi(uniform_open(x3), s1, co1);
+    sincos_2pi<kAbs>(uniform_open(x1), s0, co0);
+    sincos_2pi<kAbs>(uniform_open(x3), s1, co1);
     const __m512 v0 = _mm512_mul_ps(r0, co0), v1 = _mm512_mul_ps(r0, s0);
     const __m512 v2 = _mm512_mul_ps(r1, co1), v3 = _mm512_mul_ps(r1, s1);
     // 4 x 16 transpose: output vector m holds groups 4m..4m+3, each as (v0, v1, v2, v3)
@@ -163,17 +175,16 @@ inline void fill_row_cloud_offsets(uint64_t seed, uint64_t offset, uint64_t row,
                                    const float* delta, float* q) {
   const PhiloxRow pr(seed, offset, row);
   const __m512 third = _mm512_set1_ps(static_cast<float>(1.0 / 3.0)), one = _mm512_set1_ps(1.0f);
-  const __m512 k = _mm512_set1_ps(noise_mul);
-  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
-  auto offsets = [&](__m512 n, int64_t j) {
-    const __m512 a = _mm512_min_ps(_mm512_andnot_ps(sign, _mm512_mul_ps(n, third)), one);  // |clamp(eps)|
-    const __m512 p = _mm512_mul_ps(_mm512_mul_ps(k, a), _mm512_loadu_ps(delta + j));
-    _mm512_storeu_ps(q + j, _mm512_xor_ps(p, sign));
+  // -(k a) d = (-k) a d exactly (rounding to nearest is symmetric), so the negation is folded into k
+  const __m512 neg_k = _mm512_set1_ps(-noise_mul);
+  auto offsets = [&](__m512 n_abs, int64_t j) {
+    const __m512 a = _mm512_min_ps(_mm512_mul_ps(n_abs, third), one);  // |clamp(eps, -1, 1)|
+    _mm512_storeu_ps(q + j, _mm512_mul_ps(_mm512_mul_ps(neg_k, a), _mm512_loadu_ps(delta + j)));
   };
   int64_t j = 0;
   for (; j + 64 <= C; j += 64) {
     __m512 o0, o1, o2, o3;
-    pr.block(j / 4, o0, o1, o2, o3);
+    pr.block</*kAbs=*/true>(j / 4, o0, o1, o2, o3);
     offsets(o0, j);
     offsets(o1, j + 16);
     offsets(o2, j + 32);
