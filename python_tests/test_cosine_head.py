@@ -7,6 +7,8 @@ near-zero entries is not meaningful).
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -544,3 +546,68 @@ def test_head_loss_peak_memory():
     bound = f * (D * C + N * D + 8 * chunk * C) + (1 << 20)
     assert peak_chunked <= bound, (peak_chunked, bound)
     assert peak_chunked * 4 <= peak_full, (peak_chunked, peak_full)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Instruction-set builds: the head's CPU kernels (cpu/cosine_head_kernels.h) are compiled once per ISA
+# ---------------------------------------------------------------------------------------------------
+def isa_primitive_bytes() -> list[str]:
+    """Raw bytes (hex) of every cosine primitive's output on fixed inputs (numpy-generated: torch.randn's
+    own kernel depends on the ISA), rows and columns as vectors, float32 and float64."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = []
+    for dt in (torch.float32, torch.float64):
+        for rows, cols in [(7, 19), (128, 100), (5, 1000), (300, 33)]:
+            m = torch.from_numpy(rng.standard_normal((rows, cols))).to(dt)
+            g = torch.from_numpy(rng.standard_normal((rows, cols))).to(dt)
+            for dim in (0, 1):
+                n = ops.cosine_norms(m, dim)
+                out.append(n)
+                for prescaled in (False, True):
+                    gg = g.clone()
+                    ops.cosine_tangent_(gg, m, n, 1e-12, dim, prescaled)
+                    out.append(gg)
+            rn, cn = ops.cosine_norms(m, 1), ops.cosine_norms(m, 0)
+            s = g.clone()
+            ops.cosine_scale_(s, rn, cn, 1e-12)
+            s2 = g.clone()
+            rd, cd = ops.cosine_grad_prep_(s2, m, rn, cn, 1e-12)
+            out += [s, s2, rd, cd]
+    return [t.contiguous().numpy().tobytes().hex() for t in out]
+
+
+def test_cosine_kernels_same_bits_on_every_isa():
+    """The default and AVX2 builds (forced with ATEN_CPU_CAPABILITY in subprocesses) give bit for bit the
+    outputs of this process's build: the loops only vectorise independent lanes (no reassociation)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_margin_ce import _cpu_flags
+
+    here = ops.cpu_isa()
+    isas = [isa for isa in ("default", "avx2") if isa != here]
+    if "avx2" in isas and not {"avx2", "fma"} <= _cpu_flags():
+        isas.remove("avx2")
+    if not isas:
+        pytest.skip("only one instruction-set build can run here")
+    test_dir = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(test_dir)
+    code = ("import json, torch, test_cosine_head as T; "
+            "print('RESULT' + json.dumps([torch.ops.ltkernels.cpu_isa(), T.isa_primitive_bytes()]))")
+    procs = {}
+    for isa in isas:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+        env["PYTHONPATH"] = os.pathsep.join([test_dir, root, env.get("PYTHONPATH", "")])
+        procs[isa] = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+    mine = isa_primitive_bytes()
+    for isa, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"[{isa}] " + out[-3000:] + err[-3000:]
+        got_isa, theirs = json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT")][-1][6:])
+        assert got_isa == isa
+        differing = [k for k, (a, b) in enumerate(zip(mine, theirs)) if a != b]
+        assert len(theirs) == len(mine) and not differing, f"[{isa}] outputs {differing} differ from {here}'s"

@@ -1,19 +1,41 @@
-// Function table of the CPU row kernels, one instance per instruction set (isa_*.cpp).
+// Function table of the CPU kernels, one instance per instruction set (isa_*.cpp).
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include <type_traits>
 
 #include "ltk/margin_ce.h"
 
 namespace ltk {
 namespace cpu {
 
+// The cosine head's kernels (cpu/cosine_head_kernels.h) for one dtype.
+template <typename T>
+struct CosineKernels {
+  void (*norms)(const T* m, int64_t rows, int64_t cols, bool vec_rows, T* out);
+  void (*scale)(const T* src, int64_t s0, int64_t s1, int64_t rows, int64_t cols, const T* rn, const T* cn, T eps,
+                T* out);
+  void (*scale_dots)(const T* src, int64_t s0, int64_t s1, int64_t rows, int64_t cols, const T* c, const T* rn,
+                     const T* cn, T eps, T* out, T* rd, T* cd);
+  void (*tangent)(T* g, const T* x, int64_t rows, int64_t cols, bool vec_rows, const T* norm, T eps, bool prescaled,
+                  T s, const T* dots);
+};
+
 struct KernelTable {
   void (*margin_ce_f32)(const MarginCeArgs<float, float>&);
   void (*margin_ce_f64)(const MarginCeArgs<double, double>&);
   void (*margin_ce_f16)(const MarginCeArgs<c10::Half, float>&);
   void (*margin_ce_bf16)(const MarginCeArgs<c10::BFloat16, float>&);
+  CosineKernels<float> cosine_f32;
+  CosineKernels<double> cosine_f64;
+
+  template <typename T>
+  const CosineKernels<T>& cosine() const {
+    if constexpr (std::is_same_v<T, float>) return cosine_f32;
+    else return cosine_f64;
+  }
 };
 
 const KernelTable& kernels_DEFAULT();
