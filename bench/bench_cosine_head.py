@@ -187,6 +187,13 @@ def test_head(benchmark, record_case, peak_memory, bench_options, head_shape, he
         rounds = int(max(3, min(100, 8.0 / max(per_round, 1e-5))))
         extra["vs_3_gemms"] = round(interleaved_ratio(step, gemms, rounds), 4)
         extra["ratio_rounds"] = rounds
+        if head_impl == "fused":
+            # the floor of any autograd head on ATen GEMMs: torch.mm itself with autograd (same three GEMMs,
+            # no normalisation), relative to the bare GEMMs
+            def mm_step():
+                xl.grad = wl.grad = None
+                torch.mm(xl, wl).backward(gout)
+            extra["mm_autograd_vs_3_gemms"] = round(interleaved_ratio(mm_step, gemms, rounds), 4)
     record_case(suite=SUITE, case="head", shape=head_shape, dtype="fp32", mode="fwd+bwd", impl=head_impl,
                 threads=torch.get_num_threads(), **extra)
     _run_benchmark(benchmark, step, N, D, C)
