@@ -314,11 +314,12 @@ class CosineLogitsFunction : public torch::autograd::Function<CosineLogitsFuncti
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     if (!grads[0].defined() || !(need_x || need_w)) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto saved = ctx->get_saved_variables();
-    // The backward op has no autograd kernel. Outside create_graph nothing records a graph anyway, so skip
-    // the autograd fallback's checks; under create_graph the fallback marks the result as not
-    // differentiable twice (an error on use, not a silently missing term).
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    // The backward op has no derivative of its own: under create_graph (grad mode on in here) a second
+    // derivative through the head would silently lack this term, so refuse instead.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "cosine_logits: second derivatives (backward with create_graph=True through the cosine head) are "
+                "not implemented; use F.normalize(x, dim=1) @ F.normalize(W, dim=0) where they are needed");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // no graph is recorded: skip the autograd fallback
     const std::optional<at::Tensor> logits = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
     auto [gx, gw] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["eps"].toDouble(),
                             need_x, need_w, 0, logits);

@@ -74,6 +74,11 @@ class MarginCeFunction : public torch::autograd::Function<MarginCeFunction> {
     variable_list out(kNumArgs);
     const at::Tensor& go = grad_outputs[0];
     if (!go.defined()) return out;
+    // The saved gradient is a constant here: under create_graph (grad mode on in here) its derivative with
+    // respect to the input would silently be missing from any second derivative, so refuse instead.
+    TORCH_CHECK(!at::GradMode::is_enabled() || !(ctx->needs_input_grad(0) || ctx->needs_input_grad(7)),
+                "margin_ce: second derivatives (backward with create_graph=True through the fused loss) are not "
+                "implemented; the eager losses of ltkernels.reference support them");
     auto saved = ctx->get_saved_variables();
     at::Tensor grad = saved[0], gshift = saved[1];
     TORCH_CHECK(grad.dim() == 2,

@@ -611,3 +611,15 @@ def test_cosine_kernels_same_bits_on_every_isa():
         assert got_isa == isa
         differing = [k for k, (a, b) in enumerate(zip(mine, theirs)) if a != b]
         assert len(theirs) == len(mine) and not differing, f"[{isa}] outputs {differing} differ from {here}'s"
+
+
+def test_second_derivative_refused_not_silently_missing():
+    """create_graph=True through cosine_logits raises (the backward op has no derivative of its own, so a
+    gradient penalty would silently lack the head's term); plain backward is unaffected."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(cosine_logits(x, w).square().sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(cosine_logits(x, w).square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(eager_cos(x, w).square().sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)

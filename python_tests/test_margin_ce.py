@@ -886,3 +886,18 @@ def test_cpu_isa_reports_known_name():
     flags = _cpu_flags()
     if not os.environ.get("ATEN_CPU_CAPABILITY") and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         assert ops.cpu_isa() == "avx512"
+
+
+def test_second_derivative_refused_not_silently_missing():
+    """create_graph=True through the fused loss raises: its backward scales a gradient the forward computed,
+    whose own derivative w.r.t. the input would otherwise be missing without a word. First-order gradients
+    and create_graph=False are unaffected; the eager reference differentiates twice."""
+    x, t = make_inputs(4, 6, seed=1)
+    x = x.double().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(fused(x, t, scale=5.0), x, create_graph=True)
+    (g,) = torch.autograd.grad(fused(x, t, scale=5.0), x)
+    (g_ref,) = torch.autograd.grad(ref(x, t, scale=5.0), x, create_graph=True)
+    torch.testing.assert_close(g, g_ref.detach(), rtol=1e-10, atol=1e-12)
+    g_ref.square().sum().backward()  # the reference has the second derivative
+    assert x.grad is not None and torch.isfinite(x.grad).all()
