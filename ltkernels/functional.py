@@ -120,7 +120,8 @@ def margin_cross_entropy(
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
     if target.dim() != 1 or target.shape[0] != input.shape[0]:
         raise ValueError(f"target must have shape ({input.shape[0]},), got {tuple(target.shape)}")
-    if target.device != input.device:
+    # (is_cpu first: comparing devices builds two torch.device objects, ~0.5 us of a 128 x 100 call)
+    if not (target.is_cpu and input.is_cpu) and target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     if reduction not in _ops.REDUCTIONS:
         raise ValueError(f"reduction must be one of {sorted(_ops.REDUCTIONS)}, got {reduction!r}")
@@ -140,10 +141,14 @@ def margin_cross_entropy(
     if target.dtype != torch.int64:
         target = target.to(torch.int64)
 
-    col_scale, col_bias, margin, target_scale, weight, shift_coef, cloud = [
-        v if v is None else _class_vector(v, name, c, input)
-        for v, name in zip((col_scale, col_bias, margin, target_scale, weight, shift_coef, cloud), _CLASS_VECTORS)]
-    row_shift = _class_vector(row_shift, "row_shift", n, input)
+    if (col_scale is not None or col_bias is not None or margin is not None or target_scale is not None
+            or weight is not None or shift_coef is not None or cloud is not None):  # (plain CE: skip the loop)
+        col_scale, col_bias, margin, target_scale, weight, shift_coef, cloud = [
+            v if v is None else _class_vector(v, name, c, input)
+            for v, name in zip((col_scale, col_bias, margin, target_scale, weight, shift_coef, cloud),
+                               _CLASS_VECTORS)]
+    if row_shift is not None:
+        row_shift = _class_vector(row_shift, "row_shift", n, input)
     if noise is not None and tuple(noise.shape) != (n, c):
         raise ValueError(f"noise must have the input's shape {(n, c)}, got {tuple(noise.shape)}")
     if cloud is not None and noise is None and seed is None:
