@@ -901,3 +901,16 @@ def test_second_derivative_refused_not_silently_missing():
     torch.testing.assert_close(g, g_ref.detach(), rtol=1e-10, atol=1e-12)
     g_ref.square().sum().backward()  # the reference has the second derivative
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_unit_grad_output_fast_path_reads_logical_value():
+    """backward() with a plain CPU 1 returns the forward's gradient as is; a grad_output whose memory holds
+    1 but whose value is not (a negation view) or that has no memory (an efficient zero tensor) must
+    take the scaling path."""
+    x, t = make_inputs(4, 6, seed=2)
+    x = x.double().requires_grad_(True)
+    (g_one,) = torch.autograd.grad(fused(x, t, scale=3.0), x, torch.tensor(1.0, dtype=torch.float64))
+    (g_neg,) = torch.autograd.grad(fused(x, t, scale=3.0), x, torch._neg_view(torch.tensor(1.0, dtype=torch.float64)))
+    torch.testing.assert_close(g_neg, -g_one, rtol=0, atol=0)
+    (g_zero,) = torch.autograd.grad(fused(x, t, scale=3.0), x, torch._efficientzerotensor((), dtype=torch.float64))
+    assert torch.equal(g_zero, torch.zeros_like(g_one))
