@@ -7,12 +7,10 @@ near-zero entries is not meaningful).
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import devices
+from conftest import devices, other_isas, run_on_other_isas
 
 import ltkernels.losses as fused
 import ltkernels.reference as ref
@@ -581,33 +579,11 @@ def isa_primitive_bytes() -> list[str]:
 def test_cosine_kernels_same_bits_on_every_isa():
     """The default and AVX2 builds (forced with ATEN_CPU_CAPABILITY in subprocesses) give bit for bit the
     outputs of this process's build: the loops only vectorise independent lanes (no reassociation)."""
-    import os
-    import subprocess
-    import sys
-
-    from test_margin_ce import _cpu_flags
-
-    here = ops.cpu_isa()
-    isas = [isa for isa in ("default", "avx2") if isa != here]
-    if "avx2" in isas and not {"avx2", "fma"} <= _cpu_flags():
-        isas.remove("avx2")
-    if not isas:
+    if not other_isas():
         pytest.skip("only one instruction-set build can run here")
-    test_dir = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(test_dir)
-    code = ("import json, torch, test_cosine_head as T; "
-            "print('RESULT' + json.dumps([torch.ops.ltkernels.cpu_isa(), T.isa_primitive_bytes()]))")
-    procs = {}
-    for isa in isas:
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
-        env["PYTHONPATH"] = os.pathsep.join([test_dir, root, env.get("PYTHONPATH", "")])
-        procs[isa] = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
-    mine = isa_primitive_bytes()
-    for isa, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"[{isa}] " + out[-3000:] + err[-3000:]
-        got_isa, theirs = json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT")][-1][6:])
+    here = ops.cpu_isa()
+    mine, results = run_on_other_isas("test_cosine_head", "isa_primitive_bytes", isa_primitive_bytes)
+    for isa, (got_isa, theirs) in results.items():
         assert got_isa == isa
         differing = [k for k, (a, b) in enumerate(zip(mine, theirs)) if a != b]
         assert len(theirs) == len(mine) and not differing, f"[{isa}] outputs {differing} differ from {here}'s"

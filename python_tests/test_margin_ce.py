@@ -8,17 +8,13 @@ torch ops, itself tested against numpy in test_reference.py) or from torch.nn.fu
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import devices  # noqa: F401  (the ltk_device fixture iterates over it)
+from conftest import cpu_flags, devices, run_on_other_isas  # noqa: F401  (devices: ltk_device)
 
 from ltkernels import functional as LF
 from ltkernels import reference as R
@@ -839,39 +835,11 @@ def cloud_values() -> dict:
     return out
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def test_cpu_isa_builds_in_subprocess():
     """Both other instruction-set builds (forced with ATEN_CPU_CAPABILITY, read at first use) report their
     name and pass a parity subset; run concurrently in two subprocesses to keep the wall time down."""
-    here = ops.cpu_isa()
-    isas = [isa for isa in ("default", "avx2") if isa != here]
-    if "avx2" in isas and not {"avx2", "fma"} <= _cpu_flags():
-        isas.remove("avx2")
-    test_dir = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(test_dir)
-    code = "import json, test_margin_ce as T; r = T.isa_parity_check(); print('RESULT' + json.dumps(r))"
-    procs = {}
-    for isa in isas:
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
-        env["PYTHONPATH"] = os.pathsep.join([test_dir, root, env.get("PYTHONPATH", "")])
-        procs[isa] = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
-    mine = cloud_values()
-    for isa, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"[{isa}] " + out[-3000:] + err[-3000:]
-        line = [ln for ln in out.splitlines() if ln.startswith("RESULT")][-1]
-        res = json.loads(line[len("RESULT"):])
+    mine, results = run_on_other_isas("test_margin_ce", "isa_parity_check", cloud_values)
+    for isa, (_, res) in results.items():
         assert res["isa"] == isa
         # the in-kernel noise is ISA-independent: same perturbation, float64 math agrees to rounding
         for angular, (loss, grad) in mine.items():
@@ -883,7 +851,7 @@ def test_cpu_isa_builds_in_subprocess():
 
 def test_cpu_isa_reports_known_name():
     assert ops.cpu_isa() in ("avx512", "avx2", "default")
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if not os.environ.get("ATEN_CPU_CAPABILITY") and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         assert ops.cpu_isa() == "avx512"
 
