@@ -25,6 +25,11 @@ TORCH_LIBRARY(ltkernels, m) {
       "Tensor? noise, Tensor? seed, float scale, float noise_mul, float angular_eps, int offset, int angular, "
       "int reduction, int focal, float gamma, int ignore_index, float label_smoothing, bool compute_grad) "
       "-> (Tensor, Tensor, Tensor)");
+  // Plain softmax cross-entropy (class weights, ignore_index, label smoothing): margin_ce with only these
+  // arguments (cross_entropy_op.cpp), for a cheaper call from Python at small shapes. Returns the loss.
+  m.def(
+      "cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+      "float label_smoothing, bool compute_grad) -> Tensor");
   // Cosine classifier head (methods.md §1.1; cosine_head_common.cpp, cpu/ and cuda/cosine_head_*):
   // logits = normalize(features, dim=1) @ normalize(weight, dim=0), weight (D, C), F.normalize eps semantics.
   // Returns (logits, |features_i|, |weight_j|), the norms raw (not clamped). The backward gives (grad_features,
