@@ -258,11 +258,12 @@ def test_fused_float32_with_kernel_noise(ltk_device):
     torch.testing.assert_close(lf.double().cpu(), lr, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("C", [64, 150])
+@pytest.mark.parametrize("C", [37, 64, 150])
 def test_fused_float32_with_kernel_noise_wide_rows(ltk_device, C):
-    """float32 rows wide enough for the AVX-512 path that turns the generator's 64-column blocks straight
-    into GCL's offsets (csrc/cpu/philox_avx512.h, fill_row_cloud_offsets; C = 150 also has a column tail):
-    loss and gradient equal the reference fed the port's noise."""
+    """float32 rows for the AVX-512 path whose pass 1 turns the generator's 64-column blocks straight into
+    GCL's logits (csrc/cpu/philox_avx512.h, cloud_logits_row; C = 150 also has a column tail, C = 37 only
+    one): loss and gradient equal the reference fed the port's noise, and bit for bit the same kernel fed
+    that noise through ``noise=`` (which takes the general path: perturbation vector, then logits_row)."""
     counts = [int(5000 * 0.01 ** (i / (C - 1))) + 1 for i in range(C)]
     fused = L.GCLLoss(counts, m=0.1, s=20, noise_mul=0.5).to(ltk_device)
     refm = R.GCLLoss(counts, m=0.1, s=20, noise_mul=0.5)
@@ -277,6 +278,11 @@ def test_fused_float32_with_kernel_noise_wide_rows(ltk_device, C):
     (gf,) = torch.autograd.grad(lf, xf)
     torch.testing.assert_close(lf.double().cpu(), lr.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gf.double().cpu(), gr, rtol=1e-4, atol=20 * 1e-6 / 24)
+    xi = x32.to(ltk_device).requires_grad_(True)
+    li = fused(xi, t.to(ltk_device), noise=noise.to(ltk_device))
+    (gi,) = torch.autograd.grad(li, xi)
+    torch.testing.assert_close(lf, li, rtol=0, atol=0)
+    torch.testing.assert_close(gf, gi, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -253,7 +253,7 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     std::vector<acc_t> zbuf(Cpad), cbuf(cast_input ? Cpad : 0), pbuf(cloud ? Cpad : 0),
-        jbuf(generic ? Cpad : 0), qbuf(affine ? Cpad : 0), gbuf((want_grad && cast_input) ? Cpad : 0);
+        jbuf(generic ? Cpad : 0), qbuf(affine && !fused_cloud_offsets ? Cpad : 0), gbuf((want_grad && cast_input) ? Cpad : 0);
     std::vector<float> nbuf((cloud && !a.noise && !fused_cloud_offsets) ? (C + 3) / 4 * 4 : 0);
     acc_t* z = zbuf.data();
     for (int64_t i = begin; i < end; ++i) {
@@ -284,14 +284,8 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
 #pragma omp simd
           for (int64_t j = 0; j < C; ++j) p[j] = cloud_perturbation(a, j, a.noise[i * C + j]);
         } else if (fused_cloud_offsets) {
-          // GCL, AVX-512, float: the pass-1 offsets straight from the generator; of the perturbation
-          // itself only the target's is read (by elem(y))
-#if defined(CPU_CAPABILITY_AVX512)
-          if constexpr (std::is_same_v<acc_t, float>) {
-            avx512::fill_row_cloud_offsets(a.seed, a.offset, static_cast<uint64_t>(i), C, a.noise_mul, a.cloud,
-                                           qbuf.data());
-          }
-#endif
+          // GCL, AVX-512, float: pass 1 draws the offsets itself (avx512::cloud_logits_row); of the
+          // perturbation only the target's is read (by elem(y))
           p[y] = cloud_perturbation(
               a, y, scale_noise<acc_t>(philox::normal_at(a.seed, a.offset, static_cast<uint64_t>(i), y)));
         } else {
@@ -317,14 +311,21 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
       // ---- pass 1: logits (and, for angular + cloud, the jacobian) and max
       Vec vmax(ninf);
       const Vec vS(S);
-      if (affine) {
+      if (fused_cloud_offsets) {  // GCL: z_j = S (c_j + q_j) with the offsets q drawn in the same loop
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          vmax = avx512::cloud_logits_row(a.seed, a.offset, static_cast<uint64_t>(i), C, a.noise_mul, a.cloud, c, S,
+                                          z);
+        }
+#endif
+      } else if (affine) {
         // z_j = S (r_j c_j + q_j) with q_j = b_j + t beta_j - pert_j gathered first, so that the hot loop
         // is one of four instantiations with no per-element option tests
         const acc_t* q = nullptr;
         if (a.col_bias && !a.shift_coef && !pert) {
           q = a.col_bias;
         } else if (pert_only && !a.noise) {
-          q = qbuf.data();  // filled with the perturbation above
+          q = qbuf.data();  // filled with -perturbation above
         } else if (a.col_bias || a.shift_coef || pert) {
           acc_t* qb = qbuf.data();
           if (a.col_bias) std::copy(a.col_bias, a.col_bias + C, qb);
