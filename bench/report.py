@@ -221,7 +221,12 @@ def pivot(benches: list[dict], stat: str):
                                           "nc": ei.get("nc_bytes"), "rounds": b["stats"].get("rounds"),
                                           "inter": ei.get("vs_fused_interleaved") if USE_INTERLEAVED else None,
                                           "load": ei.get("other_load"), "vs_3_gemms": ei.get("vs_3_gemms"),
-                                          "mm_autograd_vs_3_gemms": ei.get("mm_autograd_vs_3_gemms")}
+                                          "mm_autograd_vs_3_gemms": ei.get("mm_autograd_vs_3_gemms"),
+                                          # suites that time the pair from the fused step record "other / fused"
+                                          # there, as vs_<other>_interleaved (bench_regularisers.py)
+                                          "inter_vs": {k[3:-len("_interleaved")]: v for k, v in ei.items()
+                                                       if k.startswith("vs_") and k.endswith("_interleaved")
+                                                       and k != "vs_fused_interleaved"}}
         if ei["case"] not in case_order[suite]:
             case_order[suite].append(ei["case"])
     return suites, others, case_order
@@ -265,6 +270,9 @@ def speedup(d: dict, other: str):
     o = d.get(other, {})
     if o.get("inter"):
         return o["inter"]
+    from_fused = d.get("fused", {}).get("inter_vs", {}).get(other) if USE_INTERLEAVED else None
+    if from_fused:
+        return from_fused
     return _ratio(d.get("fused", {}).get("t"), o.get("t"))
 
 
