@@ -578,8 +578,8 @@ _INF = float("inf")
 _NAN = float("nan")
 
 
-def _nan_inf_input(cases):
-    x, _ = make_inputs(len(cases) + 2, 5, seed=103)
+def _nan_inf_input(cases, C=5):
+    x, _ = make_inputs(len(cases) + 2, C, seed=103)
     t = torch.tensor([c[0] for c in cases] + [1, 2])
     for i, (_, col, v) in enumerate(cases):
         x[i, col] = v
@@ -601,6 +601,25 @@ def test_nan_and_neg_inf_propagate_like_cross_entropy(ltk_device, reduction):
         (g_exp,) = torch.autograd.grad(F.cross_entropy(xr, t, reduction="none").sum(), xr)
         (g,) = torch.autograd.grad(got.sum(), xf)
         torch.testing.assert_close(g.cpu(), g_exp, equal_nan=True, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_inf_in_wide_rows_like_cross_entropy(ltk_device, dtype):
+    """C = 150: pass 1 keeps four max accumulators over blocks of four vectors, then single vectors and a
+    masked tail; a NaN / +inf / -inf in a column of each part reaches the loss and gradient as in PyTorch."""
+    cols = [5, 12, 20, 28, 37, 50, 70, 130, 149]  # every accumulator (fp32: 16 columns each, fp64: 8), remainder, tail
+    cases = [(0, c, v) for c in cols for v in (_NAN, _INF, -_INF)]
+    x, t = _nan_inf_input(cases, C=150)
+    x = x.to(dtype)
+    xr = x.clone().requires_grad_(True)
+    exp = F.cross_entropy(xr, t, reduction="none")
+    (g_exp,) = torch.autograd.grad(exp.sum(), xr)
+    xf = x.to(ltk_device).requires_grad_(True)
+    got = fused(xf, t.to(ltk_device), reduction="none")
+    (g,) = torch.autograd.grad(got.sum(), xf)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else F64
+    torch.testing.assert_close(got.detach().cpu(), exp.detach(), equal_nan=True, **tol)
+    torch.testing.assert_close(g.cpu(), g_exp, equal_nan=True, **tol)
 
 
 @pytest.mark.parametrize("case", ["pinf_nontarget", "pinf_target"])

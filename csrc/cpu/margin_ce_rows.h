@@ -149,7 +149,22 @@ __attribute__((noinline)) Vectorized<acc_t> logits_row(const acc_t* c, const acc
     if constexpr (kQ) x = x + Vec::loadu(q + j, n);
     return x * vS;
   };
+  // Four independent max chains: at::vec::maximum propagates NaN (max, compare, mask-to-vector, or), a
+  // loop-carried chain of ~8 cycles per vector that bounded this pass when it had one accumulator.
+  Vec m1 = vmax, m2 = vmax, m3 = vmax;
   int64_t j = 0;
+  for (; j + 4 * V <= C; j += 4 * V) {
+    const Vec z0 = logit(j, V), z1 = logit(j + V, V), z2 = logit(j + 2 * V, V), z3 = logit(j + 3 * V, V);
+    z0.store(z + j);
+    z1.store(z + j + V);
+    z2.store(z + j + 2 * V);
+    z3.store(z + j + 3 * V);
+    vmax = at::vec::maximum(vmax, z0);
+    m1 = at::vec::maximum(m1, z1);
+    m2 = at::vec::maximum(m2, z2);
+    m3 = at::vec::maximum(m3, z3);
+  }
+  vmax = at::vec::maximum(at::vec::maximum(vmax, m1), at::vec::maximum(m2, m3));
   for (; j + V <= C; j += V) {
     const Vec zv = logit(j, V);
     zv.store(z + j);
