@@ -586,6 +586,18 @@ def _nan_inf_input(cases, C=5):
     return x, t
 
 
+def _assert_rows_like_cross_entropy(x, t, device, **tol):
+    """Per-row losses and their gradient equal F.cross_entropy's, NaN where it gives NaN."""
+    xr = x.clone().requires_grad_(True)
+    exp = F.cross_entropy(xr, t, reduction="none")
+    (g_exp,) = torch.autograd.grad(exp.sum(), xr)
+    xf = x.to(device).requires_grad_(True)
+    got = fused(xf, t.to(device), reduction="none")
+    (g,) = torch.autograd.grad(got.sum(), xf)
+    torch.testing.assert_close(got.detach().cpu(), exp.detach(), equal_nan=True, **tol)
+    torch.testing.assert_close(g.cpu(), g_exp, equal_nan=True, **tol)
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_nan_and_neg_inf_propagate_like_cross_entropy(ltk_device, reduction):
     # (target, column, value): NaN at a non-target / at the target, -inf at a non-target / at the target
@@ -610,16 +622,8 @@ def test_nan_inf_in_wide_rows_like_cross_entropy(ltk_device, dtype):
     cols = [5, 12, 20, 28, 37, 50, 70, 130, 149]  # every accumulator (fp32: 16 columns each, fp64: 8), remainder, tail
     cases = [(0, c, v) for c in cols for v in (_NAN, _INF, -_INF)]
     x, t = _nan_inf_input(cases, C=150)
-    x = x.to(dtype)
-    xr = x.clone().requires_grad_(True)
-    exp = F.cross_entropy(xr, t, reduction="none")
-    (g_exp,) = torch.autograd.grad(exp.sum(), xr)
-    xf = x.to(ltk_device).requires_grad_(True)
-    got = fused(xf, t.to(ltk_device), reduction="none")
-    (g,) = torch.autograd.grad(got.sum(), xf)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else F64
-    torch.testing.assert_close(got.detach().cpu(), exp.detach(), equal_nan=True, **tol)
-    torch.testing.assert_close(g.cpu(), g_exp, equal_nan=True, **tol)
+    _assert_rows_like_cross_entropy(x.to(dtype), t, ltk_device, **tol)
 
 
 @pytest.mark.parametrize("case", ["pinf_nontarget", "pinf_target"])
@@ -627,14 +631,7 @@ def test_pos_inf_logits_propagate_like_cross_entropy(ltk_device, case):
     """+inf logits: F.cross_entropy gives NaN for that row's loss and NaN for its whole gradient row."""
     cases = [(0, 3, _INF)] if case == "pinf_nontarget" else [(0, 0, _INF)]
     x, t = _nan_inf_input(cases)
-    xr = x.clone().requires_grad_(True)
-    exp = F.cross_entropy(xr, t, reduction="none")
-    (g_exp,) = torch.autograd.grad(exp.sum(), xr)
-    xf = x.to(ltk_device).requires_grad_(True)
-    got = fused(xf, t.to(ltk_device), reduction="none")
-    (g,) = torch.autograd.grad(got.sum(), xf)
-    torch.testing.assert_close(got.detach().cpu(), exp.detach(), equal_nan=True, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(g.cpu(), g_exp, equal_nan=True, rtol=1e-12, atol=1e-12)
+    _assert_rows_like_cross_entropy(x, t, ltk_device, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["plain", "all", "smooth_weight", "focal_full_g2", "focal_det_g05"])
