@@ -27,6 +27,7 @@ _LAZY = {
     "FeaBalLoss": "losses",
     "drw_weights": "priors",
     "margin_cross_entropy": "functional",
+    "cross_entropy": "functional",
     "mixup_loss": "mixup",
     "cosine_logits": "cosine",
     "NormedLinear": "cosine",

@@ -81,6 +81,10 @@ def test_module_uses_it_and_follows_the_input(ltk_device):
     assert len(calls) == 1 and calls[0][3:6] == (1, 2, 0.05)
 
 
+def test_exported_at_top_level():
+    assert ltkernels.cross_entropy is LF.cross_entropy and "cross_entropy" in ltkernels.__all__
+
+
 def test_gradcheck(ltk_device):
     x, t = make_inputs(4, 5, seed=12)
     t[1] = -100
