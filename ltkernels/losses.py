@@ -24,13 +24,18 @@ __all__ = [
 ]
 
 
-def _fused_mce(input: Tensor, target: Tensor, **kw) -> Tensor:
+def _on_device_of(v, input: Tensor):
     # Modules keep their per-class vectors as CPU float64 buffers until moved with .to(); users may also
     # pass a `weight` that lives elsewhere. The functional API is strict about devices, modules follow
     # the input like the official code does.
+    if isinstance(v, Tensor) and v.device != input.device:
+        return v.to(input.device, non_blocking=True)
+    return v
+
+
+def _fused_mce(input: Tensor, target: Tensor, **kw) -> Tensor:
     for k, v in kw.items():
-        if isinstance(v, Tensor) and v.device != input.device:
-            kw[k] = v.to(input.device, non_blocking=True)
+        kw[k] = _on_device_of(v, input)
     return margin_cross_entropy(input, target, **kw)
 
 
@@ -42,9 +47,7 @@ def _fused_ce(input: Tensor, target: Tensor, *, weight=None, reduction: str = "m
               label_smoothing: float = 0.0) -> Tensor:
     # plain CE takes the slim 7-argument op (functional.cross_entropy): at 128 x 100 margin_ce's 23-argument
     # call alone costs more than F.cross_entropy's lead
-    if isinstance(weight, Tensor) and weight.device != input.device:
-        weight = weight.to(input.device, non_blocking=True)
-    return cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    return cross_entropy(input, target, _on_device_of(weight, input), ignore_index, reduction, label_smoothing)
 
 
 class CrossEntropyLoss(_Fused, _ref.CrossEntropyLoss):
