@@ -35,26 +35,29 @@ inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
-// exp(x) for the softmax's x = z - max <= 0 (NaN propagates). The AVX-512 float version is Cody-Waite
-// reduction x = n ln2 + r (|r| <= ln2 / 2), a degree-6 Taylor polynomial (truncation < 1.3e-7 relative)
-// and vscalefps for the exact 2^n: 11 instructions against exp_u20's 17, ~10% of the whole fp32 kernel.
-// x is clamped at -127 (max(c, x) keeps NaN) so -inf gives 0 instead of inf - inf.
+// exp(x) for the softmax's x = z - max <= 0 (NaN propagates). The AVX-512 float version: n = round(x / ln2)
+// by the 1.5 * 2^23 shifter (one FMA and a subtraction, where vrndscaleps is two uops), r = x - n ln2 with
+// a single-float ln2 (its 1.9e-9 error times |n| <= 127: at most 2.4e-7 relative, and only far below the
+// max), a degree-5 polynomial fitted for relative error on |r| <= ln2 / 2 (1.4e-7 with its float
+// coefficients) and vscalefps for the exact 2^n. Measured over [-87, 0]: at most 4.3e-7 relative error
+// against double exp. This machine has one 512-bit FMA port and the exp is most of pass 2: 9 operations
+// against the previous 12 (Cody-Waite with a split ln2 and a degree-6 Taylor polynomial) made the fp32
+// 512x8142 LDAM kernel 7-9% faster (C++ A/B harness). x is clamped at -127 (max(c, x) keeps NaN), so -inf
+// gives 0 instead of inf - inf.
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     const __m512 v = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), v);  // ln2 high part: exact n * hi
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);   // ln2 low part
-    __m512 q = _mm512_set1_ps(1.0f / 720);
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 120));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 24));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 6));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+    const __m512 shifter = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: v / ln2 + shifter rounds to an integer
+    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), v);
+    __m512 q = _mm512_set1_ps(0.008301300927996635f);
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.041915588080883026f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.16667520999908447f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.4999889135360718f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.9999997019767761f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0000001192092896f));
     return _mm512_scalef_ps(q, n);
   }
 #endif
