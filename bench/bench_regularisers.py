@@ -81,9 +81,9 @@ def test_uniformity(benchmark, record_case, peak_memory, unif_shape, unif_kernel
         extra["vs_eager_interleaved"] = round(min(tb) / min(ta), 3)
         # agreement (float32 op vs float32 eager)
         w2 = w.detach().clone().requires_grad_(True)
-        v1 = uniformity(w2, unif_kernel)
-        v2 = uniformity_reference(w.detach(), unif_kernel)
-        extra["rel_err_value"] = abs(float(v1) - float(v2)) / max(abs(float(v2)), 1e-30)
+        v1 = float(uniformity(w2, unif_kernel).detach())
+        v2 = float(uniformity_reference(w.detach(), unif_kernel))
+        extra["rel_err_value"] = abs(v1 - v2) / max(abs(v2), 1e-30)
     record_case(suite=SUITE, case=f"uniformity-{unif_kernel}", shape=(C, D), dtype="fp32", mode="fwd+bwd",
                 impl=impl, **extra)
     if heavy:
