@@ -2,8 +2,11 @@
 // setuptools compiles every source with the same flags, so the instruction set is enabled here with a
 // target pragma; GCC does not define the matching feature macros for a pragma, and at::vec / sleef.h
 // select their AVX512 code by those macros, so they are defined by hand (only in this file).
-// GCC 12 warns inside its own intrinsic headers and on lambda thunks under a target pragma.
+// GCC 12 warns inside its own intrinsic headers and on lambda thunks under a target pragma
+// (-Wuninitialized: _mm512_max_ps passes _mm512_undefined_ps(), a self-initialised variable, as the
+// pass-through operand of its masked builtin).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wpsabi"
 // prefer-vector-width=512: GCC otherwise auto-vectorises with 256-bit registers even here; the Philox
 // noise loop (omp simd) runs 1.4x faster on 512-bit ones.
