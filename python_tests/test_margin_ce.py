@@ -412,15 +412,19 @@ def test_shapes(ltk_device, N, C, reduction):
 
 # Outputs above 8 MiB are written with non-temporal stores (csrc/cpu/margin_ce_rows.h, kStreamOutputBytes):
 # row starts at every 64-byte alignment (C % 16 != 0) and targets in the unaligned head, the streamed body
-# and the tail of their rows.
+# and the tail of their rows. Linear rows write each row's gradient during the next row's exp pass, from a
+# second scratch row: ignored rows (first, last, and a run across the middle, where the two threads' halves
+# meet) check that a pending gradient survives them and lands in its own row; focal, weights, column scale
+# (r) and label smoothing (D != 0) are the pipelined variants (FBL's row shift keeps the plain pass: next test).
 @pytest.mark.parametrize("dtype,N,C", [(torch.float32, 260, 8142), (torch.float64, 131, 8143)])
-@pytest.mark.parametrize("name", ["margin", "all", "smooth_weight"])
+@pytest.mark.parametrize("name", ["margin", "all", "smooth_weight", "focal_det_g2"])
 def test_streamed_gradient_large_output(dtype, N, C, name):
     assert N * C * torch.finfo(dtype).bits // 8 > 8 << 20
     x, t = make_inputs(N, C, seed=N + C)
     t[: 3 * 17] = torch.tensor([0, 1, 5, 7, 13, 15, 16, 17, 31, 100, C - 1, C - 2, C - 9, C - 17, 4000, 4001,
                                 4015] * 3)
-    t[-1] = -100
+    t[0] = t[-1] = -100
+    t[N // 2 - 2: N // 2 + 2] = -100
     kw = config(name, C)
     l_ref, g_ref, go = run(ref, x.to(dtype).double(), t, kw)
     l, g, _ = run(fused, x.to(dtype), t, to_dev(kw, "cpu", dtype), go.to(dtype))
@@ -429,6 +433,24 @@ def test_streamed_gradient_large_output(dtype, N, C, name):
         torch.testing.assert_close(g, g_ref, **F64)
     else:
         check_f32(l, l_ref, g, g_ref, kw, x.to(dtype), f"{name} streamed f32")
+
+
+def test_streamed_gradient_with_row_shift():
+    """A streamed fp32 output with FBL's row shift (the unpipelined pass 3, which also sums d loss / d t_i)."""
+    N, C = 260, 8142
+    x, t = make_inputs(N, C, seed=3)
+    t[0] = t[N // 2] = -100
+    kw = config("margin", C)
+    rs, beta = class_vec(N, -3.0, 1.0, 30), class_vec(C, 0.0, 1.0, 31)
+    x32 = x.float()
+    xr, rsr = x32.double().requires_grad_(True), rs.clone().requires_grad_(True)
+    l_ref = _ref_with_shift(xr, t, rsr, beta, **kw)
+    gx_ref, grs_ref = torch.autograd.grad(l_ref, (xr, rsr))
+    xf, rsf = x32.clone().requires_grad_(True), rs.float().requires_grad_(True)
+    l = fused(xf, t, row_shift=rsf, shift_coef=beta.float(), **to_dev(kw, "cpu", torch.float32))
+    gx, grs = torch.autograd.grad(l, (xf, rsf))
+    check_f32(l.detach(), l_ref.detach(), gx, gx_ref, kw, x32, "streamed row shift")
+    close_rel(grs, grs_ref, 1e-5, "streamed row shift d/dt")
 
 
 def test_single_class(ltk_device):

@@ -73,34 +73,62 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& x) {
 // 512x8142 kernel by ~20% here (bench/, side by side).
 constexpr int64_t kStreamOutputBytes = int64_t(8) << 20;
 
+// One full vector through a non-temporal store (AVX-512 / AVX2; the caller issues the sfence), a plain
+// store on the portable build.
+template <typename acc_t>
+inline void stream_vec(acc_t* p, const Vectorized<acc_t>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) _mm512_stream_ps(p, v);
+  else _mm512_stream_pd(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) _mm256_stream_ps(p, v);
+  else _mm256_stream_pd(p, v);
+#else
+  v.store(p);
+#endif
+}
+
+// A streamed output row written in three parts: the head up to out's first 64-byte boundary (plain
+// masked stores, less than one line), the aligned body one non-temporal vector per step(), the tail.
+// f(j, n) is the vector of columns [j, j + n).
+template <typename acc_t, typename F>
+struct StreamedRow {
+  static constexpr int64_t V = Vectorized<acc_t>::size();
+  acc_t* out;
+  int64_t C;
+  const F& f;
+  int64_t j = 0;
+
+  void head() {
+    const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64) / int64_t(sizeof(acc_t));
+    const int64_t h = mis ? std::min<int64_t>(C, 64 / int64_t(sizeof(acc_t)) - mis) : 0;
+    for (; j < h; j += V) f(j, std::min<int64_t>(V, h - j)).store(out + j, std::min<int64_t>(V, h - j));
+    j = h;
+  }
+  void step() {
+    if (j + V <= C) {
+      stream_vec(out + j, f(j, V));
+      j += V;
+    }
+  }
+  void rest() {
+    for (; j + V <= C; j += V) stream_vec(out + j, f(j, V));
+    for (; j < C; j += V) f(j, std::min<int64_t>(V, C - j)).store(out + j, std::min<int64_t>(V, C - j));
+  }
+};
+
 // Writes f(j, n) (a vector of n <= V valid lanes) for j = 0, V, ... < C into out. With stream, the
 // 64-byte-aligned body goes through non-temporal stores; the caller issues the sfence.
 template <typename acc_t, typename F>
 inline void store_row(acc_t* out, int64_t C, const F& f, bool stream) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  int64_t j = 0;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t V = Vectorized<acc_t>::size();
   if (stream) {
-    const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 64) / int64_t(sizeof(acc_t));
-    const int64_t head = mis ? std::min<int64_t>(C, 64 / int64_t(sizeof(acc_t)) - mis) : 0;
-    for (; j < head; j += V) {  // head < 64 bytes: one vector, or two for a short AVX2 float row
-      const int64_t n = std::min<int64_t>(V, head - j);
-      f(j, n).store(out + j, n);
-    }
-    j = head;
-    for (; j + V <= C; j += V) {
-#if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<acc_t, float>) _mm512_stream_ps(out + j, f(j, V));
-      else _mm512_stream_pd(out + j, f(j, V));
-#else
-      if constexpr (std::is_same_v<acc_t, float>) _mm256_stream_ps(out + j, f(j, V));
-      else _mm256_stream_pd(out + j, f(j, V));
-#endif
-    }
+    StreamedRow<acc_t, F> w{out, C, f};
+    w.head();
+    w.rest();
+    return;
   }
-#endif
-  for (; j < C; j += V) {
+  for (int64_t j = 0; j < C; j += V) {
     const int64_t n = std::min<int64_t>(V, C - j);
     f(j, n).store(out + j, n);
   }
@@ -190,30 +218,69 @@ struct GradRow {
   int64_t y;
   acc_t gy;
 
-  template <bool kR, bool kD, bool kShift>
-  __attribute__((noinline)) Vectorized<acc_t> store(acc_t* g, int64_t C, bool stream) const {
+  // grad_j of columns [j, j + n) when there is no row-shift sum: S r_j (A e_j - D w_j), gy at the target
+  template <bool kR, bool kD>
+  auto values() const {
     using Vec = Vectorized<acc_t>;
-    const Vec vA(A), vD(D), vS(S), vAS(A * S), vDS(D * S);
-    Vec vshift(0);
-    auto f = [&](int64_t j, int64_t n) {
-      Vec out;
-      if constexpr (kShift) {
-        Vec gz = vA * Vec::loadu(e + j, n);
-        if constexpr (kD) gz = gz - vD * (w ? Vec::loadu(w + j, n) : Vec(1));
-        vshift = vshift + gz * Vec::loadu(beta + j, n);
-        out = gz * vS;
-      } else {
-        out = vAS * Vec::loadu(e + j, n);
-        if constexpr (kD) out = out - vDS * (w ? Vec::loadu(w + j, n) : Vec(1));
-      }
+    return [this, vAS = Vec(A * S), vDS = Vec(D * S)](int64_t j, int64_t n) {
+      Vec out = vAS * Vec::loadu(e + j, n);
+      if constexpr (kD) out = out - vDS * (w ? Vec::loadu(w + j, n) : Vec(1));
       if constexpr (kR) out = out * Vec::loadu(r + j, n);
       if (static_cast<uint64_t>(y - j) < static_cast<uint64_t>(n)) out = with_lane(out, y - j, gy);
       return out;
     };
-    (store_row<acc_t>)(g, C, f, stream);
-    return vshift;
+  }
+
+  template <bool kR, bool kD, bool kShift>
+  __attribute__((noinline)) Vectorized<acc_t> store(acc_t* g, int64_t C, bool stream) const {
+    using Vec = Vectorized<acc_t>;
+    if constexpr (!kShift) {
+      (store_row<acc_t>)(g, C, values<kR, kD>(), stream);
+      return Vec(0);
+    } else {
+      const Vec vA(A), vD(D), vS(S);
+      Vec vshift(0);
+      auto f = [&](int64_t j, int64_t n) {
+        Vec gz = vA * Vec::loadu(e + j, n);
+        if constexpr (kD) gz = gz - vD * (w ? Vec::loadu(w + j, n) : Vec(1));
+        vshift = vshift + gz * Vec::loadu(beta + j, n);
+        Vec out = gz * vS;
+        if constexpr (kR) out = out * Vec::loadu(r + j, n);
+        if (static_cast<uint64_t>(y - j) < static_cast<uint64_t>(n)) out = with_lane(out, y - j, gy);
+        return out;
+      };
+      (store_row<acc_t>)(g, C, f, stream);
+      return vshift;
+    }
   }
 };
+
+// Pass 2 of a row (exp(z - shift) in place, returns the lane-wise sum, prefetches the next row's input
+// into L2) fused with the previous row's streamed gradient: one non-temporal vector of it per exp vector
+// (software pipelining: the stores drain to memory while the exp computes, instead of stalling a pass of
+// their own). prev's exponentials are in the other scratch buffer. Rows without a pending gradient keep the
+// inline loop in margin_ce_rows (a call per row cost 3-6% at 128 x 100).
+template <bool kR, bool kD, typename acc_t>
+__attribute__((noinline)) Vectorized<acc_t> exp_pass_with_prev(acc_t* z, int64_t Cpad, acc_t shift, const char* next_row,
+                                                               int64_t in_elem, const GradRow<acc_t>& prev,
+                                                               acc_t* prev_out, int64_t C) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const auto f = prev.template values<kR, kD>();
+  StreamedRow<acc_t, decltype(f)> w{prev_out, C, f};
+  w.head();
+  Vec vsum(0);
+  const Vec vshift(shift);
+  for (int64_t j = 0; j < Cpad; j += V) {
+    if (next_row) __builtin_prefetch(next_row + j * in_elem, 0, 2);  // 2: L2 (T1)
+    const Vec e = vexp<acc_t>(Vec::loadu(z + j) - vshift);
+    e.store(z + j);
+    vsum = vsum + e;
+    w.step();
+  }
+  w.rest();
+  return vsum;
+}
 
 // Vector twin of ltk::angular_logit for non-target columns, whose angle M is the cloud's alone (m = 0):
 // z = S (phi or the fallback) and dz/dc. The fallback threshold cos(pi - M) and the GCLAng fallback
@@ -268,12 +335,19 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
   const bool fused_cloud_offsets = false;
 #endif
 
+  // Streamed linear rows without the FBL row shift: each row's gradient is written during the next row's
+  // pass 2 (exp_pass_with_prev), two rows of scratch per thread.
+  const bool pipelined = stream && affine && want_grad && !a.grad_row_shift;
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
-    std::vector<acc_t> zbuf(Cpad), cbuf(cast_input ? Cpad : 0), pbuf(cloud ? Cpad : 0),
+    std::vector<acc_t> zbuf(pipelined ? 2 * Cpad : Cpad), cbuf(cast_input ? Cpad : 0), pbuf(cloud ? Cpad : 0),
         jbuf(generic ? Cpad : 0), qbuf(affine && !fused_cloud_offsets ? Cpad : 0), gbuf((want_grad && cast_input) ? Cpad : 0);
     std::vector<float> nbuf((cloud && !a.noise && !fused_cloud_offsets) ? (C + 3) / 4 * 4 : 0);
     acc_t* z = zbuf.data();
+    // pipelined: the previous row's gradient (exponentials in the other half of zbuf), written by pass 2
+    GradRow<acc_t> prev{};
+    acc_t* prev_out = nullptr;
+    bool prev_R = false, prev_D = false;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = a.target[i];
       scalar_t* grow = want_grad ? a.grad + i * C : nullptr;
@@ -402,16 +476,24 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
       const acc_t shift = zmax;
 
       // ---- pass 2: exp and sum
-      Vec vsum(0);
-      const Vec vshift(shift);
       // While this pass computes from L1, pull the next row's input into L2 (one line per vector for
       // 512-bit float; prefetches past the end of the tensor are harmless): 6-15% of the fp32 kernel.
       const char* next_row = (i + 1 < end) ? reinterpret_cast<const char*>(a.input + (i + 1) * C) : nullptr;
-      for (int64_t j = 0; j < Cpad; j += V) {
-        if (next_row) __builtin_prefetch(next_row + j * int64_t(sizeof(scalar_t)), 0, 2);  // 2: L2 (T1)
-        const Vec e = vexp<acc_t>(Vec::loadu(z + j) - vshift);
-        e.store(z + j);
-        vsum = vsum + e;
+      constexpr int64_t in_elem = sizeof(scalar_t);
+      Vec vsum(0);
+      if (prev_out) {
+        auto pass = prev_R ? (prev_D ? exp_pass_with_prev<true, true, acc_t> : exp_pass_with_prev<true, false, acc_t>)
+                           : (prev_D ? exp_pass_with_prev<false, true, acc_t> : exp_pass_with_prev<false, false, acc_t>);
+        vsum = pass(z, Cpad, shift, next_row, in_elem, prev, prev_out, C);
+        prev_out = nullptr;
+      } else {
+        const Vec vshift(shift);
+        for (int64_t j = 0; j < Cpad; j += V) {
+          if (next_row) __builtin_prefetch(next_row + j * in_elem, 0, 2);  // 2: L2 (T1)
+          const Vec e = vexp<acc_t>(Vec::loadu(z + j) - vshift);
+          e.store(z + j);
+          vsum = vsum + e;
+        }
       }
       const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vsum);
       const acc_t lse = shift + std::log(sum);
@@ -445,7 +527,13 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
           // dL/dc_j = S r_j (A e_j - D w_j) off the target; templated on r, D != 0 and the row shift
           const GradRow<acc_t> gr{z, a.col_scale, a.weight, a.shift_coef, A, D, S, y, gy};
           const bool R = a.col_scale != nullptr, DW = D != acc_t(0), SH = a.grad_row_shift != nullptr;
-          if (!R && !DW && !SH) vgshift = gr.template store<false, false, false>(g, C, stream);
+          if (pipelined) {  // written by the next row's pass 2, or after the thread's last row
+            prev = gr;
+            prev_out = g;
+            prev_R = R;
+            prev_D = DW;
+            z = (z == zbuf.data()) ? zbuf.data() + Cpad : zbuf.data();
+          } else if (!R && !DW && !SH) vgshift = gr.template store<false, false, false>(g, C, stream);
           else if (R && !DW && !SH) vgshift = gr.template store<true, false, false>(g, C, stream);
           else if (!R && DW && !SH) vgshift = gr.template store<false, true, false>(g, C, stream);
           else if (R && DW && !SH) vgshift = gr.template store<true, true, false>(g, C, stream);
@@ -481,6 +569,12 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
         const acc_t vs = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vgshift);
         a.grad_row_shift[i] = (vs - B * a.shift_coef[y]) * S;
       }
+    }
+    if (prev_out) {  // the last row's gradient
+      if (!prev_R && !prev_D) prev.template store<false, false, false>(prev_out, C, stream);
+      else if (prev_R && !prev_D) prev.template store<true, false, false>(prev_out, C, stream);
+      else if (!prev_R && prev_D) prev.template store<false, true, false>(prev_out, C, stream);
+      else prev.template store<true, true, false>(prev_out, C, stream);
     }
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if (stream) _mm_sfence();  // non-temporal stores are visible to other threads after this
