@@ -231,6 +231,19 @@ struct GradRow {
     };
   }
 
+  // store<kR, kD, kShift> picked at run time: r given, D != 0, and whether the row-shift sum is wanted
+  Vectorized<acc_t> store(acc_t* g, int64_t C, bool stream, bool shift) const {
+    const bool R = r != nullptr, DW = D != acc_t(0);
+    if (!R && !DW && !shift) return store<false, false, false>(g, C, stream);
+    if (R && !DW && !shift) return store<true, false, false>(g, C, stream);
+    if (!R && DW && !shift) return store<false, true, false>(g, C, stream);
+    if (R && DW && !shift) return store<true, true, false>(g, C, stream);
+    if (!R && !DW) return store<false, false, true>(g, C, stream);
+    if (R && !DW) return store<true, false, true>(g, C, stream);
+    if (!R) return store<false, true, true>(g, C, stream);
+    return store<true, true, true>(g, C, stream);
+  }
+
   template <bool kR, bool kD, bool kShift>
   __attribute__((noinline)) Vectorized<acc_t> store(acc_t* g, int64_t C, bool stream) const {
     using Vec = Vectorized<acc_t>;
@@ -255,6 +268,17 @@ struct GradRow {
   }
 };
 
+// One vector of pass 2: e = exp(z - shift) in place, added to vsum, while one line of the next row's input
+// is pulled into L2 (T1). Prefetches past the end of the tensor are harmless.
+template <typename acc_t>
+inline void exp_vec(acc_t* z, int64_t j, const Vectorized<acc_t>& vshift, const char* next_row, int64_t in_elem,
+                    Vectorized<acc_t>& vsum) {
+  if (next_row) __builtin_prefetch(next_row + j * in_elem, 0, 2);
+  const Vectorized<acc_t> e = vexp<acc_t>(Vectorized<acc_t>::loadu(z + j) - vshift);
+  e.store(z + j);
+  vsum = vsum + e;
+}
+
 // Pass 2 of a row (exp(z - shift) in place, returns the lane-wise sum, prefetches the next row's input
 // into L2) fused with the previous row's streamed gradient: one non-temporal vector of it per exp vector
 // (software pipelining: the stores drain to memory while the exp computes, instead of stalling a pass of
@@ -272,10 +296,7 @@ __attribute__((noinline)) Vectorized<acc_t> exp_pass_with_prev(acc_t* z, int64_t
   Vec vsum(0);
   const Vec vshift(shift);
   for (int64_t j = 0; j < Cpad; j += V) {
-    if (next_row) __builtin_prefetch(next_row + j * in_elem, 0, 2);  // 2: L2 (T1)
-    const Vec e = vexp<acc_t>(Vec::loadu(z + j) - vshift);
-    e.store(z + j);
-    vsum = vsum + e;
+    exp_vec(z, j, vshift, next_row, in_elem, vsum);
     w.step();
   }
   w.rest();
@@ -347,7 +368,6 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
     // pipelined: the previous row's gradient (exponentials in the other half of zbuf), written by pass 2
     GradRow<acc_t> prev{};
     acc_t* prev_out = nullptr;
-    bool prev_R = false, prev_D = false;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = a.target[i];
       scalar_t* grow = want_grad ? a.grad + i * C : nullptr;
@@ -482,18 +502,14 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
       constexpr int64_t in_elem = sizeof(scalar_t);
       Vec vsum(0);
       if (prev_out) {
-        auto pass = prev_R ? (prev_D ? exp_pass_with_prev<true, true, acc_t> : exp_pass_with_prev<true, false, acc_t>)
-                           : (prev_D ? exp_pass_with_prev<false, true, acc_t> : exp_pass_with_prev<false, false, acc_t>);
+        const bool pD = prev.D != acc_t(0);
+        auto pass = prev.r ? (pD ? exp_pass_with_prev<true, true, acc_t> : exp_pass_with_prev<true, false, acc_t>)
+                           : (pD ? exp_pass_with_prev<false, true, acc_t> : exp_pass_with_prev<false, false, acc_t>);
         vsum = pass(z, Cpad, shift, next_row, in_elem, prev, prev_out, C);
         prev_out = nullptr;
       } else {
         const Vec vshift(shift);
-        for (int64_t j = 0; j < Cpad; j += V) {
-          if (next_row) __builtin_prefetch(next_row + j * in_elem, 0, 2);  // 2: L2 (T1)
-          const Vec e = vexp<acc_t>(Vec::loadu(z + j) - vshift);
-          e.store(z + j);
-          vsum = vsum + e;
-        }
+        for (int64_t j = 0; j < Cpad; j += V) exp_vec(z, j, vshift, next_row, in_elem, vsum);
       }
       const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vsum);
       const acc_t lse = shift + std::log(sum);
@@ -526,21 +542,13 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
         if (affine) {
           // dL/dc_j = S r_j (A e_j - D w_j) off the target; templated on r, D != 0 and the row shift
           const GradRow<acc_t> gr{z, a.col_scale, a.weight, a.shift_coef, A, D, S, y, gy};
-          const bool R = a.col_scale != nullptr, DW = D != acc_t(0), SH = a.grad_row_shift != nullptr;
           if (pipelined) {  // written by the next row's pass 2, or after the thread's last row
             prev = gr;
             prev_out = g;
-            prev_R = R;
-            prev_D = DW;
             z = (z == zbuf.data()) ? zbuf.data() + Cpad : zbuf.data();
-          } else if (!R && !DW && !SH) vgshift = gr.template store<false, false, false>(g, C, stream);
-          else if (R && !DW && !SH) vgshift = gr.template store<true, false, false>(g, C, stream);
-          else if (!R && DW && !SH) vgshift = gr.template store<false, true, false>(g, C, stream);
-          else if (R && DW && !SH) vgshift = gr.template store<true, true, false>(g, C, stream);
-          else if (!R && !DW && SH) vgshift = gr.template store<false, false, true>(g, C, stream);
-          else if (R && !DW && SH) vgshift = gr.template store<true, false, true>(g, C, stream);
-          else if (!R && DW && SH) vgshift = gr.template store<false, true, true>(g, C, stream);
-          else vgshift = gr.template store<true, true, true>(g, C, stream);
+          } else {
+            vgshift = gr.store(g, C, stream, a.grad_row_shift != nullptr);
+          }
         } else {
           auto grad_vec = [&](int64_t j, int64_t n) {
             const Vec gz = dz_vec(j, n);
@@ -570,12 +578,7 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
         a.grad_row_shift[i] = (vs - B * a.shift_coef[y]) * S;
       }
     }
-    if (prev_out) {  // the last row's gradient
-      if (!prev_R && !prev_D) prev.template store<false, false, false>(prev_out, C, stream);
-      else if (prev_R && !prev_D) prev.template store<true, false, false>(prev_out, C, stream);
-      else if (!prev_R && prev_D) prev.template store<false, true, false>(prev_out, C, stream);
-      else prev.template store<true, true, false>(prev_out, C, stream);
-    }
+    if (prev_out) prev.store(prev_out, C, stream, /*shift=*/false);  // the last row's gradient
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if (stream) _mm_sfence();  // non-temporal stores are visible to other threads after this
 #endif
