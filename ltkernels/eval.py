@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: ``python -m ltkernels.eval --config CFG --checkpoint runs/x/checkpoint.pt``.
+"""Evaluate a checkpoint: ``ltk-eval --config CFG --checkpoint runs/x/checkpoint.pt`` (also
+``python -m ltkernels.eval``); CFG is a packaged recipe name or a YAML path.
 
 Prints overall top-1/top-5, many/medium/few-shot accuracy (thresholds from the config's eval.many /
 eval.few), ECE and per-class accuracy; ``--json`` writes everything. Accepts the harness checkpoint
@@ -31,9 +32,9 @@ def load_model_for_eval(cfg: dict, ckpt_path: str, num_classes: int):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ltkernels.eval", description=__doc__,
+    ap = argparse.ArgumentParser(prog="ltk-eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", required=True, help="packaged recipe name or YAML path")
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--split", default="test", choices=["test", "val"])
     ap.add_argument("--json", default=None)

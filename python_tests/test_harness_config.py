@@ -122,7 +122,89 @@ def test_config_errors_name_key_and_allowed_values(override, pattern):
         build_config(os.path.join(ROOT, "digits_lt.yaml"), override)
 
 
-def test_bad_loss_params_name_the_key():
-    cfg = build_config(os.path.join(ROOT, "digits_lt.yaml"), ["method=ldam_drw", "loss.params.margin=3"])
-    with pytest.raises(ConfigError, match=r"loss\.params.*ldam_drw.*margin"):
-        LossDriver(cfg["loss"], [5, 3, 1], 10, impl="reference")
+@pytest.mark.parametrize("override,pattern", [
+    (["method=ldam_drw", "loss.params.max_n=3"], r"loss\.params\.max_n: not an argument of LDAMLoss.*did you mean "
+                                                  r"'loss\.params\.max_m'"),
+    (["method=gcl", "stage2.loss.params.noise_mull=1"], r"stage2\.loss\.params\.noise_mull.*GCLLoss.*noise_mul"),
+    (["method=kps_ga", "loss.params.weighted=true"], r"loss\.params\.weighted.*not an argument"),  # set by the GA hook
+    (["method=ldam_drw", "loss.params.weight=[1, 2]"], r"loss\.params\.weight.*set by DRW"),
+    (["optim.lrr=0.1"], r"unknown config key 'optim\.lrr' \(did you mean 'optim\.lr'\?\)"),
+    (["data.samplr=sqrt"], r"did you mean 'data\.sampler'"),
+    (["data.sampler=class_balancd"], r"did you mean 'class_balanced'"),
+    (["optim.lr=fast"], r"optim\.lr='fast' must be float"),
+    (["optim.epochs=2.5"], r"optim\.epochs=2\.5 must be int"),
+    (["optim.milestones=[1, x]"], r"optim\.milestones\[1\]='x' must be int"),
+    (["train.compile=maybe"], r"train\.compile='maybe' must be bool"),
+    (["data.prefetch_factor=0", "data.num_workers=2"], r"prefetch_factor >= 1"),
+    (["loss=ce"], r"loss must be a mapping"),
+])
+def test_config_errors_before_any_data_is_read(monkeypatch, override, pattern):
+    """Every key, loss arguments included (also those of stage 2), is checked by build_config: the closest
+    valid name is suggested, and no dataset is touched."""
+    import ltkernels.data as data_mod
+
+    def no_data(*a, **k):
+        raise AssertionError("data read before the config was checked")
+    monkeypatch.setattr(data_mod, "build_datasets", no_data)
+    with pytest.raises(ConfigError, match=pattern):
+        build_config(os.path.join(ROOT, "digits_lt.yaml"), override)
+
+
+def test_every_preset_is_checked(tmp_path):
+    """A misspelt key in a preset that is not selected fails too, naming the preset."""
+    (tmp_path / "r.yaml").write_text("base: digits_lt\nmethods:\n  mine:\n    loss: {name: la, params: {tua: 1}}\n"
+                                     "  other:\n    optim: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"methods\.mine\.loss\.params\.tua.*did you mean.*tau"):
+        build_config(str(tmp_path / "r.yaml"), ["method=other"])
+    (tmp_path / "s.yaml").write_text("base: digits_lt.yaml\nmethods:\n  mine:\n    optim: {lrr: 1}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'methods\.mine\.optim\.lrr'"):
+        build_config(str(tmp_path / "s.yaml"), ["method=ce"])
+    # a preset that sets loss.name without params keeps the recipe's (empty) params, as the merge does
+    cfg = build_config(os.path.join(ROOT, "digits_lt.yaml"), ["method=gcl"])
+    assert cfg["methods"]["bs"] == {"loss": {"name": "bs"}}
+
+
+def test_numeric_strings_become_floats():
+    cfg = build_config(os.path.join(ROOT, "digits_lt.yaml"), ["optim.lr=1e-3", "eval.logit_scale=1e1"])
+    assert cfg["optim"]["lr"] == 0.001 and cfg["eval"]["logit_scale"] == 10.0
+
+
+def test_recipes_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    from ltkernels.train.config import PACKAGE_CONFIGS, available_recipes, resolve_config
+    monkeypatch.chdir(tmp_path)
+    assert set(available_recipes()) == {os.path.basename(p)[:-5] for p in CONFIGS}
+    for name in available_recipes():
+        assert resolve_config(name) == os.path.join(PACKAGE_CONFIGS, name + ".yaml")
+        assert build_config(name) == build_config(os.path.join(ROOT, name + ".yaml"))
+    assert resolve_config("cifar10_lt.yaml") == os.path.join(PACKAGE_CONFIGS, "cifar10_lt.yaml")
+    # a file in the working directory wins over a packaged recipe, and may take a packaged base by name
+    (tmp_path / "cifar10_lt.yaml").write_text("base: cifar10_lt\noptim: {lr: 0.5}\n")
+    assert build_config("cifar10_lt.yaml")["optim"]["lr"] == 0.5
+    assert build_config("cifar10_lt")["optim"]["lr"] == 0.1    # a bare name is the packaged recipe
+    (tmp_path / "cifar100_lt.yaml").write_text("base: cifar100_lt.yaml\noptim: {lr: 0.3}\n")   # not itself
+    assert build_config("cifar100_lt.yaml")["optim"]["lr"] == 0.3
+    with pytest.raises(ConfigError, match=r"'cifar10_ltt'.*did you mean 'cifar10_lt'"):
+        build_config("cifar10_ltt")
+    with pytest.raises(ConfigError, match=r"no such file"):
+        build_config(str(tmp_path / "nope" / "x.yaml"))
+
+
+def test_every_key_is_documented():
+    """docs/harness.md holds the key table generated from the schema (ltk-train --config-keys), and every key
+    of the merged defaults appears in it."""
+    from ltkernels.train.config import DEFAULTS, schema_markdown, schema_rows
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "harness.md")).read()
+    start, end = "<!-- config-keys:start -->\n", "\n<!-- config-keys:end -->"
+    assert start in doc and end in doc
+    assert doc.split(start, 1)[1].split(end, 1)[0] == schema_markdown(), \
+        "regenerate the table: ltk-train --config-keys"
+    keys = {r[0] for r in schema_rows()}
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("params", "methods"):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+    assert set(flat(DEFAULTS)) - {"stage2"} <= keys
+    assert {"stage2.head_init", "stage2.init", "stage2.freeze_backbone", "stage2.loss"} <= keys

@@ -1,4 +1,4 @@
-"""Training harness: ``python -m ltkernels.train --config configs/<recipe>.yaml [key=value ...]``."""
+"""Training harness: ``ltk-train --config <recipe name or path> [key=value ...]`` (``python -m ltkernels.train``)."""
 from .config import DEFAULTS, LOSS_NAMES, ConfigError, build_config, stage_configs
 from .engine import Trainer, train
 from .loss_factory import LossDriver, fused_available, loss_module

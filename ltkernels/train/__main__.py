@@ -1,20 +1,32 @@
-"""``python -m ltkernels.train --config configs/digits_lt.yaml [key.sub=value ...]``
+"""``ltk-train --config digits_lt [key.sub=value ...]`` (also ``python -m ltkernels.train``).
 
+``--config`` takes a packaged recipe by name (``ltk-train --list-configs``) or a YAML file by path.
 Multi-process: ``torchrun --nproc_per_node 2 -m ltkernels.train --config ...`` (gloo on CPU, nccl on GPU)."""
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import List, Optional
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ltkernels.train", description=__doc__,
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="ltk-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/digits_lt.yaml", help="YAML recipe (default: %(default)s)")
+    ap.add_argument("--config", default="digits_lt",
+                    help="packaged recipe name or YAML path (default: %(default)s)")
     ap.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    ap.add_argument("--list-configs", action="store_true", help="print the packaged recipe names and exit")
+    ap.add_argument("--config-keys", action="store_true",
+                    help="print every config key (type, default, meaning) as a Markdown table and exit")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. method=gcl optim.epochs=5")
     a = ap.parse_args(argv)
-    from .config import ConfigError, build_config
+    from .config import ConfigError, available_recipes, build_config, schema_markdown
+    if a.list_configs:
+        print("\n".join(available_recipes()))
+        return 0
+    if a.config_keys:
+        print(schema_markdown())
+        return 0
     try:
         cfg = build_config(a.config, a.overrides)
     except ConfigError as e:

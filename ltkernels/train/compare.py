@@ -1,5 +1,6 @@
 """Train several methods of one recipe and print the many/medium/few table.
 
+    ltk-compare --config digits_lt --methods ce,ldam_drw,kps,fbl,gcl
     python -m ltkernels.train.compare --config configs/digits_lt.yaml --methods ce,ldam_drw,kps,fbl,gcl
 
 Every method is a key of the config's ``methods``; each (method, seed) trains from scratch into
@@ -13,6 +14,7 @@ import math
 import os
 import sys
 import time
+from typing import List, Optional
 
 import numpy as np
 
@@ -45,10 +47,10 @@ def _write_readme_section(path: str, argv, table: str) -> None:
         f.write(f"{head}{start}\n```\n$ {cmd}\n{table}\n```\n{end}{tail}")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ltkernels.train.compare", description=__doc__,
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="ltk-compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/digits_lt.yaml")
+    ap.add_argument("--config", default="digits_lt", help="packaged recipe name or YAML path (default: %(default)s)")
     ap.add_argument("--methods", default="ce,ldam_drw,kps,fbl,gcl", help="comma-separated keys of 'methods'")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (e.g. 0,1,2)")
     ap.add_argument("--out", default="runs/compare", help="output root (default: %(default)s)")
