@@ -327,6 +327,24 @@ inline void angular_nontarget_vec(const Vectorized<acc_t>& c_in, const Vectorize
   if (arc) jac = Vec::blendv(jac, zero, (c_in >= one) | (c_in <= Vec(-1)));
 }
 
+// The softmax shift of a row whose vector max zmax saw the target's margin-free logit z_free, now that the
+// target holds z_t (z[y] = z_t already). Any shift at or above the true max keeps the log-sum-exp exact as
+// long as exp(true max - shift) stays far from underflow: when the target held the max and its margin took
+// it more than kShiftSlack below (s m > 60, e.g. C = 1 or a large scale), the max of the finished row is
+// taken again, which would otherwise make every exponential 0 and the loss -inf. A rare row costs one
+// more read of the L1-resident row; e^-60 keeps exp(max - shift) >= 1e-26, above the denormals that are
+// flushed to zero, and what the larger shift flushes is below e^-27 of the max term.
+template <typename acc_t>
+inline acc_t softmax_shift(const acc_t* z, int64_t Cpad, acc_t zmax, acc_t z_free, acc_t z_t) {
+  using Vec = Vectorized<acc_t>;
+  constexpr acc_t kShiftSlack = std::is_same_v<acc_t, float> ? acc_t(60) : acc_t(600);
+  if (std::isnan(z_t) || z_t > zmax) return z_t;  // a larger (or NaN) target: NaN makes the row NaN
+  if (!(z_free >= zmax && zmax - z_t > kShiftSlack)) return zmax;
+  Vec m(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t j = 0; j < Cpad; j += Vec::size()) m = at::vec::maximum(m, Vec::loadu(z + j));
+  return at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, m);
+}
+
 template <typename scalar_t, typename acc_t>
 void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
   using Vec = Vectorized<acc_t>;
@@ -473,27 +491,29 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
           vmax = at::vec::maximum(vmax, zv);
         }
       }
-      // label smoothing's sum_j w_j z_j (the target's margin is accounted for below)
-      Vec vswz(0);
-      if (smoothing) {
-        for (int64_t j = 0; j < C; j += V) {
-          const int64_t n = std::min<int64_t>(V, C - j);
-          const Vec zs = Vec::loadu(z + j, n);  // lanes >= n load as 0
-          vswz = vswz + (a.weight ? zs * Vec::loadu(a.weight + j, n) : zs);
-        }
-      }
       acc_t zmax = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
-      acc_t swz = smoothing ? at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vswz) : 0;
-      // The target element (margin, angular transform) is recomputed with the scalar formula. The vector
-      // max saw its margin-free value; any shift >= the true max keeps the log-sum-exp exact.
+      // The target element (margin, angular transform) is recomputed with the scalar formula; the vector
+      // max saw its margin-free value.
+      const acc_t z_free = z[y];
       const ElemOut<acc_t> ty = elem(y);
-      if (smoothing) swz += (a.weight ? a.weight[y] : acc_t(1)) * (ty.z - z[y]);
       z[y] = ty.z;
       const acc_t jac_y = ty.dzdc;
-      // An infinite max makes the row NaN, as PyTorch's log_softmax does.
-      if (std::isnan(ty.z) || ty.z > zmax) zmax = ty.z;
-      const acc_t z_t = z[y];
+      const acc_t z_t = ty.z;
+      zmax = softmax_shift(z, Cpad, zmax, z_free, z_t);
       const acc_t shift = zmax;
+      // label smoothing's sum_j w_j (z_j - shift), in the shifted frame like the log-sum-exp so that a large
+      // common offset of the logits cancels exactly
+      acc_t swz = 0;
+      if (smoothing) {
+        Vec vswz(0);
+        const Vec vshift(shift);
+        for (int64_t j = 0; j < C; j += V) {
+          const int64_t n = std::min<int64_t>(V, C - j);
+          const Vec zs = Vec::set(Vec(0), Vec::loadu(z + j, n) - vshift, n);
+          vswz = vswz + (a.weight ? zs * Vec::loadu(a.weight + j, n) : zs);
+        }
+        swz = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vswz);
+      }
 
       // ---- pass 2: exp and sum
       // While this pass computes from L1, pull the next row's input into L2 (one line per vector for
@@ -512,10 +532,10 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
         for (int64_t j = 0; j < Cpad; j += V) exp_vec(z, j, vshift, next_row, in_elem, vsum);
       }
       const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vsum);
-      const acc_t lse = shift + std::log(sum);
       const acc_t w_t = a.weight ? a.weight[y] : acc_t(1);
-      const RowCoef<acc_t> rc =
-          row_coefficients<acc_t>(lse, z_t, swz, w_t, a.weight_sum, a.smoothing, C, a.focal, a.gamma);
+      // log-sum-exp, target logit and smoothing sum all relative to the shift (see row_coefficients)
+      const RowCoef<acc_t> rc = row_coefficients<acc_t>(std::log(sum), z_t - shift, swz, w_t, a.weight_sum,
+                                                        a.smoothing, C, a.focal, a.gamma);
       a.row_loss[i] = rc.loss;
       if (!want_grad && !a.grad_row_shift) continue;
 

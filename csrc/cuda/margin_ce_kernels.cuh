@@ -69,8 +69,8 @@ __global__ void __launch_bounds__(kMarginCeMaxThreads) margin_ce_kernel(MarginCe
                                       a.row_shift ? a.row_shift[i] : acc_t(0)};
   const bool smoothing = a.smoothing != acc_t(0);
 
-  // ---- pass 1: online max / sum of exp, and sum_j w_j z_j for label smoothing
-  acc_t m = -INFINITY, s = 0, swz = 0;
+  // ---- pass 1: online max / sum of exp
+  acc_t m = -INFINITY, s = 0;
   for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
     float nz[4];
     row.normals(g, nz);
@@ -80,7 +80,6 @@ __global__ void __launch_bounds__(kMarginCeMaxThreads) margin_ce_kernel(MarginCe
       if (j >= C) break;
       const acc_t z = row.at(j, nz, u).z;
       if (j == y) target_logit = z;
-      if (smoothing) swz += (a.weight ? a.weight[j] : acc_t(1)) * z;
       if (z == -INFINITY) continue;  // masked class: contributes exp(-inf) = 0 (and must not make 0 * inf)
       const acc_t mn = nan_max(m, z);
       s = s * ltk_exp<acc_t>(m - mn) + ltk_exp<acc_t>(z - mn);
@@ -90,20 +89,25 @@ __global__ void __launch_bounds__(kMarginCeMaxThreads) margin_ce_kernel(MarginCe
   const acc_t M = block_max(m, red);
   // threads that saw no (unmasked) column keep m = -inf, s = 0 and contribute nothing
   const acc_t sum = block_sum(m == -INFINITY ? acc_t(0) : s * ltk_exp<acc_t>(m - M), red);
-  if (smoothing) swz = block_sum(swz, red);
   __syncthreads();  // target_logit was written by its owner thread before the reductions' barriers
-  const acc_t z_t = target_logit;
-  const acc_t lse = M + ltk_log<acc_t>(sum);
+  // log-sum-exp and target logit relative to the row max M (see row_coefficients): a large common offset
+  // of the logits cancels exactly
+  const acc_t lse = ltk_log<acc_t>(sum);
+  const acc_t z_t = target_logit - M;
   const acc_t w_t = a.weight ? a.weight[y] : acc_t(1);
+  // the gradient coefficients do not depend on label smoothing's sum_j w_j (z_j - M), which pass 2 adds up
   const RowCoef<acc_t> rc =
-      row_coefficients<acc_t>(lse, z_t, swz, w_t, a.weight_sum, a.smoothing, C, a.focal, a.gamma);
-  if (threadIdx.x == 0) a.row_loss[i] = rc.loss;
-  if (!grow && !a.grad_row_shift) return;
+      row_coefficients<acc_t>(lse, z_t, acc_t(0), w_t, a.weight_sum, a.smoothing, C, a.focal, a.gamma);
+  const bool grad_pass = grow || a.grad_row_shift;
+  if (!smoothing) {
+    if (threadIdx.x == 0) a.row_loss[i] = rc.loss;
+    if (!grad_pass) return;
+  }
 
-  // ---- pass 2: gradient, already divided by the reduction's denominator
+  // ---- pass 2: gradient, already divided by the reduction's denominator, and the smoothing sum
   const acc_t inv_denom = *a.inv_denom;
   const acc_t A = rc.a / sum * inv_denom, B = rc.b * inv_denom, D = rc.d * inv_denom;
-  acc_t gshift = 0;
+  acc_t gshift = 0, swz = 0;
   for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
     float nz[4];
     row.normals(g, nz);
@@ -112,9 +116,19 @@ __global__ void __launch_bounds__(kMarginCeMaxThreads) margin_ce_kernel(MarginCe
       const int64_t j = 4 * g + u;
       if (j >= C) break;
       const ElemOut<acc_t> o = row.at(j, nz, u);
-      const acc_t dz = A * ltk_exp<acc_t>(o.z - M) - D * (a.weight ? a.weight[j] : acc_t(1)) - (j == y ? B : acc_t(0));
+      const acc_t w = a.weight ? a.weight[j] : acc_t(1);
+      if (smoothing) swz += w * (o.z - M);
+      if (!grad_pass) continue;
+      const acc_t dz = A * ltk_exp<acc_t>(o.z - M) - D * w - (j == y ? B : acc_t(0));
       if (grow) grow[j] = static_cast<scalar_t>(dz * o.dzdc);
       if (a.grad_row_shift) gshift += dz * a.shift_coef[j];
+    }
+  }
+  if (smoothing) {
+    swz = block_sum(swz, red);
+    if (threadIdx.x == 0) {
+      a.row_loss[i] =
+          row_coefficients<acc_t>(lse, z_t, swz, w_t, a.weight_sum, a.smoothing, C, a.focal, a.gamma).loss;
     }
   }
   if (a.grad_row_shift) {

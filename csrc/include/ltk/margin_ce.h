@@ -64,7 +64,11 @@ struct RowCoef {
 };
 
 // lse: log-sum-exp of the row; z_t: the target's logit; sum_wz: sum_j w_j z_ij (only read when
-// smoothing > 0); w_t: weight of the target class.
+// smoothing > 0); w_t: weight of the target class. The result is unchanged when lse, z_t and every z_ij of
+// sum_wz are taken relative to one common shift, and the kernels pass them relative to the row's softmax
+// shift (log sum_j exp(z_ij - shift), z_t - shift, sum_j w_j (z_ij - shift)): computed as absolute values,
+// lse - z_t loses its log-sum-exp term to rounding once the logits share an offset much larger than it
+// (1e30 + log 3 - 1e30 = 0), where PyTorch's log_softmax, which subtracts the max first, does not.
 template <typename acc_t>
 LTK_HD RowCoef<acc_t> row_coefficients(acc_t lse, acc_t z_t, acc_t sum_wz, acc_t w_t, acc_t weight_sum,
                                        acc_t smoothing, int64_t C, int focal, acc_t gamma) {

@@ -1,0 +1,73 @@
+"""The edge values of test_edge_values.py through the CUDA kernel's source, run by the SIMT emulator and
+compared with the CPU op (itself checked against the float64 references there): a target margin beyond the
+exponent range, label smoothing with -inf logits, large common offsets. With a GPU the same cases also run
+through the real CUDA op."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_emulation_kernels import (ANGULAR, HAS_CUDA, L, _check_vs_op, _default_options,  # noqa: F401
+                                    margin_ce_case, needs_ops)
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def _kw(C, **over):
+    _, _, kw = margin_ce_case(1, max(C, 1), torch.float64)
+    kw.update(over)
+    return kw
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("angular", ["linear", "arcface", "gclang"])
+@pytest.mark.parametrize("C,s", [(1, 200.0), (2, 300.0), (37, 1e3), (300, 1e4)])
+def test_margin_beyond_the_exponent_range(L, device, dtype, angular, C, s):  # noqa: F811
+    g = torch.Generator().manual_seed(C)
+    N = 5
+    t = torch.arange(N) % C
+    x = torch.rand(N, C, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    x[torch.arange(N), t] = 0.9  # the target holds the row max before its margin
+    kw = _kw(C, scale=s, margin=torch.full((C,), 0.5, dtype=torch.float64), angular=ANGULAR[angular])
+    if angular == "gclang":
+        kw.update(cloud=torch.rand(C, generator=g, dtype=torch.float64),
+                  noise=torch.randn(N, C, generator=g, dtype=torch.float64) / 3, angular_eps=0.1)
+    loss, grad = _check_vs_op(L, x.to(dtype), t, kw, device=device)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), loss
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_label_smoothing_with_minus_inf_logits(L, device, dtype, weighted):  # noqa: F811
+    x = torch.tensor([[1.0, float("-inf"), 0.5], [0.2, float("-inf"), -0.3], [0.1, 0.7, -0.4]], dtype=dtype)
+    t = torch.tensor([1, 0, 2])
+    kw = _kw(3, label_smoothing=0.5, weight=torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64) if weighted else None)
+    for red in (0, 2):
+        kw["reduction"] = red
+        loss, _ = _check_vs_op(L, x, t, kw, device=device)
+        assert not torch.isnan(loss).any(), loss
+        ref = torch.nn.functional.cross_entropy(x, t, weight=kw["weight"].to(dtype) if weighted else None,
+                                                reduction="none" if red == 0 else "mean", label_smoothing=0.5)
+        torch.testing.assert_close(loss, ref)
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [1e4, -1e6, 1e30, -1e30])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_large_common_offsets(L, device, offset, smoothing):  # noqa: F811
+    g = torch.Generator().manual_seed(1)
+    N, C = 4, 300
+    ulp = torch.finfo(torch.float32).eps * abs(offset)
+    x = (torch.full((N, C), offset, dtype=torch.float64)
+         + torch.randint(-3, 4, (N, C), generator=g).double() * ulp).float()
+    t = torch.randint(0, C, (N,), generator=g)
+    kw = _kw(C, label_smoothing=smoothing)
+    loss, _ = _check_vs_op(L, x, t, kw, device=device)
+    x64 = x.double()
+    ref = torch.nn.functional.cross_entropy(x64 - x64.max(1, keepdim=True).values, t, label_smoothing=smoothing)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
