@@ -282,13 +282,13 @@ void fixed_pass1(T* g, const T* nI, const T* nK, int64_t bi, int64_t bk, bool di
       if (gauss) {
         for (int64_t c = 0; c < bk; ++c) {
           const T d2 = uni_raw_d2<T>(nr, nK[c], gr[c]);
-          gr[c] = -t * (d2 > dist_eps ? d2 : dist_eps);
+          gr[c] = uni_gaussian_exponent<T>(d2, t, dist_eps);
         }
         if (diag) gr[r] = -std::numeric_limits<T>::infinity();
       } else {
         for (int64_t c = 0; c < bk; ++c) {
           const T d2 = uni_raw_d2<T>(nr, nK[c], gr[c]);
-          gr[c] = d2 > dist_eps ? d2 : dist_eps;
+          gr[c] = uni_clamp_d2<T>(d2, dist_eps);
         }
         if (diag) gr[r] = T(1);
       }

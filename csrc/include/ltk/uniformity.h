@@ -30,16 +30,23 @@ LTK_HD T uni_raw_d2(T nj, T nk, T g) {
   return nj + nk - T(2) * g;
 }
 
+// max(d2, dist_eps) that keeps a NaN distance NaN (a NaN weight must make the regulariser NaN, as the
+// eager reference's clamp_min does, not the finite value of a clamped pair).
+template <typename T>
+LTK_HD T uni_clamp_d2(T d2, T dist_eps) {
+  return d2 < dist_eps ? dist_eps : d2;
+}
+
 // Gaussian exponent a = -t max(d2, dist_eps).
 template <typename T>
 LTK_HD T uni_gaussian_exponent(T d2, T t, T dist_eps) {
-  return -t * (d2 > dist_eps ? d2 : dist_eps);
+  return -t * uni_clamp_d2(d2, dist_eps);
 }
 
 // Riesz (s > 0) or log energy of one pair: f = value, p = d f / d d2 (0 where clamped).
 template <typename T>
 LTK_HD void uni_energy(int kernel, T d2, T s, T dist_eps, T& f, T& p) {
-  const bool clamped = !(d2 >= dist_eps);
+  const bool clamped = d2 < dist_eps;  // false for NaN, which propagates
   const T x = clamped ? dist_eps : d2;
   if (kernel == kUniLog) {
     f = T(-0.5) * ltk_log<T>(x);
