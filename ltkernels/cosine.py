@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _ops  # (loading it registers torch.ops.ltkernels.*)
+from . import reference as _ref
 
 __all__ = ["cosine_logits", "NormedLinear", "cosine_head_loss"]
 
@@ -255,20 +256,16 @@ class _ReductionProbe:
 def _call_chunk(loss: nn.Module, cos: Tensor, target: Tensor, noise: Optional[Tensor]):
     """loss(cos, target[, noise=noise]) with the module's reduction turned into a sum; returns
     (value, kind, denominator share)."""
-    if not callable(getattr(loss, "_mce", None)):
+    if not isinstance(loss, _ref._Loss):
         raise TypeError("cosine_head_loss: `loss` must be a loss module of ltkernels.losses or ltkernels.reference "
                         f"(one that computes through `_mce`), got {type(loss).__name__}")
-    had = "_mce" in loss.__dict__
-    old = loss.__dict__.get("_mce")
-    probe = _ReductionProbe(loss._mce)
-    object.__setattr__(loss, "_mce", probe)
+    probe = _ReductionProbe(loss._ce_kernel)
+    # redirected for this module in this thread only (a context variable, not a patched instance)
+    token = _ref._CE_REDIRECT.set((loss, probe))
     try:
         out = loss(cos, target) if noise is None else loss(cos, target, noise=noise)
     finally:
-        if had:
-            object.__setattr__(loss, "_mce", old)
-        else:
-            object.__delattr__(loss, "_mce")
+        _ref._CE_REDIRECT.reset(token)
     if probe.calls != 1:
         raise TypeError(f"cosine_head_loss: {type(loss).__name__} called its cross-entropy {probe.calls} times per "
                         "call; only single-call loss modules can be chunked")

@@ -40,7 +40,7 @@ def _fused_mce(input: Tensor, target: Tensor, **kw) -> Tensor:
 
 
 class _Fused:
-    _mce = staticmethod(_fused_mce)
+    _ce_kernel = staticmethod(_fused_mce)
 
 
 def _fused_ce(input: Tensor, target: Tensor, *, weight=None, reduction: str = "mean", ignore_index: int = -100,
@@ -52,7 +52,7 @@ def _fused_ce(input: Tensor, target: Tensor, *, weight=None, reduction: str = "m
 
 class CrossEntropyLoss(_Fused, _ref.CrossEntropyLoss):
     __doc__ = _ref.CrossEntropyLoss.__doc__
-    _mce = staticmethod(_fused_ce)
+    _ce_kernel = staticmethod(_fused_ce)
 
 
 class LDAMLoss(_Fused, _ref.LDAMLoss):

@@ -38,7 +38,7 @@ def mixup_loss(criterion: torch.nn.Module, input: Tensor, y_a: Tensor, y_b: Tens
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     cloud = isinstance(criterion, (_ref.GCLLoss, _ref.GCLAngLoss))
     if cloud and "noise" not in forward_kwargs:
-        fused = criterion._mce is not _ref.margin_cross_entropy
+        fused = criterion._ce_kernel is not _ref.margin_cross_entropy
         if fused:
             seed = draw_seed(getattr(criterion, "generator", None))
             la = criterion(input, y_a, seed=seed, offset=0, **forward_kwargs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Optional, Union
 
 import torch
@@ -231,8 +232,22 @@ def _safe_sqrt(u: Tensor) -> Tensor:
 
 
 def _sine(cosine: Tensor) -> Tensor:
-    """``sqrt(clamp(1 - c^2, 0, 1))`` as the official code, with the guarded derivative."""
-    return _safe_sqrt((1.0 - cosine * cosine).clamp(0.0, 1.0))
+    """``sqrt(clamp(1 - c^2, 0, 1))`` as the official code, with the guarded derivative.
+
+    Where ``|c| >= 1`` the value is 0 with derivative 0 (the clamp's), computed without squaring ``c``
+    there: for an infinite cosine the official expression's backward would multiply the clamp's 0 by
+    ``2c = inf`` and put a NaN into a column that the kernels (and a -inf logit in PyTorch's
+    log_softmax) treat as masked, with gradient 0. A NaN cosine gives a NaN logit through ``c cos M``."""
+    inside = cosine.abs() < 1.0
+    c = torch.where(inside, cosine, torch.zeros_like(cosine))
+    return torch.where(inside, _safe_sqrt((1.0 - c * c).clamp(0.0, 1.0)), torch.zeros_like(cosine))
+
+
+def _clamp_cosine(cosine: Tensor) -> Tensor:
+    """ArcFace's ``clamp(c, -1, 1)`` (no gradient at or beyond the bounds) that lets a NaN cosine carry its
+    gradient: torch.clamp's backward would give the NaN column 0 while the rest of its row is NaN, and the
+    package's rule is PyTorch's log_softmax one, a NaN logit makes its whole row NaN, loss and gradient."""
+    return torch.where(torch.isnan(cosine), cosine, cosine.clamp(-1.0, 1.0))
 
 
 def draw_gcl_noise(cosine: Tensor) -> Tensor:
@@ -265,12 +280,28 @@ def _noise_like(cosine: Tensor, noise: Optional[Tensor]) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class _Loss(nn.Module):
-    """Base of the reference modules. ``_mce`` is the cross-entropy workhorse they call; the fused
-    modules of :mod:`ltkernels.losses` subclass these and swap in the fused kernel, so both share the
-    mapping from constructor arguments to per-class vectors while the math underneath differs."""
+# (module, callable): the module whose cross-entropy call is redirected to the callable. A context
+# variable, so each thread (and asyncio task) sees only its own redirection: cosine_head_loss used from
+# several threads with one loss module must not see another thread's chunk.
+_CE_REDIRECT: ContextVar[Optional[tuple]] = ContextVar("ltkernels_ce_redirect", default=None)
 
-    _mce = staticmethod(margin_cross_entropy)
+
+class _Loss(nn.Module):
+    """Base of the reference modules. ``_mce`` is the cross-entropy workhorse they call; it runs
+    ``_ce_kernel``, which the fused modules of :mod:`ltkernels.losses` (subclasses of these) replace with
+    the fused kernel, so both share the mapping from constructor arguments to per-class vectors while the
+    math underneath differs."""
+
+    _ce_kernel = staticmethod(margin_cross_entropy)  # the fused modules swap in the fused kernel
+
+    def _mce(self, input: Tensor, target: Tensor, **kw) -> Tensor:
+        """The module's cross-entropy: ``self._ce_kernel(input, target, **kw)``, unless
+        :func:`ltkernels.cosine_head_loss` has redirected this module's call in the current thread
+        (see ``_CE_REDIRECT``)."""
+        redirect = _CE_REDIRECT.get()
+        if redirect is not None and redirect[0] is self:
+            return redirect[1](input, target, **kw)
+        return self._ce_kernel(input, target, **kw)
 
     def _buf(self, name: str, value: Tensor) -> None:
         self.register_buffer(name, value, persistent=False)
@@ -557,7 +588,7 @@ class ArcFaceLoss(_Loss):
     def forward(self, cosine: Tensor, target: Tensor) -> Tensor:
         target, safe_t, _ = _check_target(cosine, target, -100)
         N, C = cosine.shape
-        c = cosine.clamp(-1.0, 1.0)
+        c = _clamp_cosine(cosine)
         m_vec = _vec(self.m, C, c, "m")
         m_t = m_vec[safe_t]
         c_t = c.gather(1, safe_t.unsqueeze(1)).squeeze(1)
