@@ -267,7 +267,8 @@ class DecoupledRegularisedLoss(nn.Module):
     ``forward(cosine, target, weight=None, features=None)``: ``weight`` is the classifier weight in
     ``weight_layout`` (``"in_out"`` (D, C), the NormedLinear default, or ``"out_in"`` (C, D)); required when
     ``lambda_u > 0``; ``features`` (N, D) required when ``lambda_n > 0``. The last terms are kept in
-    ``self.last_terms`` (detached floats) for logging.
+    ``self.last_terms`` (detached 0-d tensors on the input's device; reading them is left to the caller's
+    logging interval) for logging.
     """
 
     def __init__(self, cls_num_list: Optional[Sequence[int]] = None, s: float = 30.0, m=0.5,
@@ -310,18 +311,19 @@ class DecoupledRegularisedLoss(nn.Module):
         """``skip_missing=True`` leaves out a term whose input (weight / features) is None instead of
         raising."""
         loss = self.ce(cosine, target)
-        terms = {"ce": float(loss.detach())}
+        # detached tensors, not floats: float() would wait for the device on every training step
+        terms = {"ce": loss.detach()}
         if self.lambda_u != 0.0 and not (skip_missing and weight is None):
             if weight is None:
                 raise ValueError("DecoupledRegularisedLoss: lambda_u != 0 needs the classifier weight")
             u = self.uniform(weight)
-            terms["uniformity"] = float(u.detach())
+            terms["uniformity"] = u.detach()
             loss = loss + self.lambda_u * u.to(loss.dtype)
         if self.lambda_n != 0.0 and not (skip_missing and features is None):
             if features is None:
                 raise ValueError("DecoupledRegularisedLoss: lambda_n != 0 needs the features")
             nt = self.norm(features)
-            terms["feature_norm"] = float(nt.detach())
+            terms["feature_norm"] = nt.detach()
             loss = loss + self.lambda_n * nt.to(loss.dtype)
         self.last_terms = terms
         return loss

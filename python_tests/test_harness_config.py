@@ -129,6 +129,7 @@ def test_config_errors_name_key_and_allowed_values(override, pattern):
     (["method=kps_ga", "loss.params.weighted=true"], r"loss\.params\.weighted.*not an argument"),  # set by the GA hook
     (["method=ldam_drw", "loss.params.weight=[1, 2]"], r"loss\.params\.weight.*set by DRW"),
     (["optim.lrr=0.1"], r"unknown config key 'optim\.lrr' \(did you mean 'optim\.lr'\?\)"),
+    (["train.crash_at_step=3"], r"unknown config key 'train\.crash_at_step'"),   # a test hook, not a setting
     (["data.samplr=sqrt"], r"did you mean 'data\.sampler'"),
     (["data.sampler=class_balancd"], r"did you mean 'class_balanced'"),
     (["optim.lr=fast"], r"optim\.lr='fast' must be float"),

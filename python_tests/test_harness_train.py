@@ -175,13 +175,30 @@ def test_tau_norm_posthoc_and_outputs(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ resume
-def run_cli(*args, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "ltkernels.train", "--config", DIGITS, *TINY, *args], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(p.stdout + p.stderr)
-    return p
+# The training CLI with a fault injected from outside: the process dies (os._exit, no cleanup, exit code 17)
+# right after global step LTK_TEST_CRASH_AT, i.e. after that step's bookkeeping (its checkpoint, if one is due).
+CRASHING_CLI = """
+import os, sys
+from ltkernels.train import engine
+from ltkernels.train.__main__ import main
+crash_at = int(os.environ["LTK_TEST_CRASH_AT"])
+after_step = engine.Trainer.after_step
+def crash_after(self, *a, **k):
+    after_step(self, *a, **k)
+    if self.global_step == crash_at:
+        os._exit(17)
+engine.Trainer.after_step = crash_after
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def crashing_cli():
+    def run(crash_at, *args):
+        env = dict(os.environ, OMP_NUM_THREADS="1", LTK_TEST_CRASH_AT=str(crash_at))
+        return subprocess.run([sys.executable, "-c", CRASHING_CLI, "--config", DIGITS, *TINY, *args], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+    return run
 
 
 RESUME_OV = ["method=gcl", "optim.epochs=3", "train.max_steps_per_epoch=4", "stage2.optim.epochs=2",
@@ -196,12 +213,12 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("crash_at,ckpt_every", [(6, 0), (15, 3)], ids=["stage1-epoch-ckpt", "stage2-step-ckpt"])
-def test_kill_and_resume_equals_uninterrupted(tmp_path, uninterrupted, crash_at, ckpt_every):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, uninterrupted, crashing_cli, crash_at, ckpt_every):
     """GCL two-stage (mixup, cloud noise, class-balanced stage 2): a process killed mid-epoch (os._exit, no
     cleanup) and resumed from its last atomic checkpoint ends bit-identical to an uninterrupted run."""
     full, cut = uninterrupted, tmp_path / "cut"
     ov = RESUME_OV + [f"train.ckpt_every_steps={ckpt_every}"]
-    p = run_cli(*ov, f"output_dir={cut}", f"train.crash_at_step={crash_at}", check=False)
+    p = crashing_cli(crash_at, *ov, f"output_dir={cut}")
     assert p.returncode == 17, p.stdout + p.stderr
     assert not os.path.exists(cut / "checkpoint.pt.tmp")
     ck = torch.load(cut / "checkpoint.pt", map_location="cpu", weights_only=False)

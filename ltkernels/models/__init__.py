@@ -68,7 +68,5 @@ def build_model(m: dict, num_classes: int) -> LTModel:
     if m.get("pretrained"):
         load_pretrained_backbone(bb, m["pretrained"])
     head = make_head(m["head"], bb.out_features, num_classes, m.get("cosine_impl", "eager"))
-    model = LTModel(bb, head)
-    if m.get("sync_bn") and torch.distributed.is_available() and torch.distributed.is_initialized():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+    # model.sync_bn and model.channels_last are applied by the trainer, which knows the device and world size
+    return LTModel(bb, head)

@@ -137,7 +137,6 @@ class TrainConfig:
     tensorboard: bool = _k(True, "TensorBoard logs in output_dir/tb")
     figures: bool = _k(True, "per-class accuracy and feature-norm figures")
     max_steps_per_epoch: Optional[int] = _k(None, "cut every epoch after this many steps")
-    crash_at_step: Optional[int] = _k(None, "test hook: exit without cleanup after this global step")
 
 
 @dataclass

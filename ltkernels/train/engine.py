@@ -1,6 +1,11 @@
 """Training loop: SGD + warm-up + multistep/cosine, DRW / KPS-GA / FBL hooks, mixup (official two-call form),
 AMP, gradient clipping, DDP (torchrun; gloo on CPU, nccl on GPU), atomic checkpoints with exact resume,
-two-stage recipes (GCL stage 2, cRT, LWS), evaluation, CSV/TensorBoard logs and figures."""
+two-stage recipes (GCL stage 2, cRT, LWS), evaluation, CSV/TensorBoard logs and figures.
+
+The step (:class:`StepRunner`) does not synchronise the host with the device: losses stay on the device
+(:class:`LossStats`) until the logging interval. GPU options: channels_last, torch.compile of the backbone,
+SyncBatchNorm under DDP (:func:`apply_model_options`), persistent prefetching workers and pinned memory
+(:func:`loader_options`)."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +16,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -134,14 +140,22 @@ def make_posthoc(cfg: dict, model: nn.Module, cls_num_list) -> Optional[Callable
     raise ConfigError(f"eval.posthoc={kind!r}: allowed values are ['none', 'tau_norm', 'logit_adjust']")
 
 
-def evaluate(model, dataset, cfg, device, cls_num_list, num_classes, logit_scale, amp_dtype=None) -> Dict:
-    """Sharded over DDP ranks (rank r takes samples r, r+W, ...); per-sample summaries are gathered."""
+def eval_loader(dataset, cfg: dict, device: torch.device) -> DataLoader:
+    """The evaluation DataLoader of one split (this rank's shard under DDP: samples r, r+W, ...)."""
     rank, ws = dist_info()
     ds = Subset(dataset, list(range(rank, len(dataset), ws))) if ws > 1 else dataset
-    loader = DataLoader(ds, batch_size=cfg["data"]["eval_batch_size"], shuffle=False,
-                        num_workers=cfg["data"]["num_workers"], pin_memory=device.type == "cuda")
+    return DataLoader(ds, batch_size=cfg["data"]["eval_batch_size"], shuffle=False,
+                      **loader_options(cfg["data"], device))
+
+
+def evaluate(model, dataset, cfg, device, cls_num_list, num_classes, logit_scale, amp_dtype=None,
+             loader: Optional[DataLoader] = None) -> Dict:
+    """Sharded over DDP ranks (rank r takes samples r, r+W, ...); per-sample summaries are gathered.
+    ``loader``: a cached :func:`eval_loader` of ``dataset`` (one is built when None)."""
+    loader = loader if loader is not None else eval_loader(dataset, cfg, device)
     posthoc = make_posthoc(cfg, model, cls_num_list)
-    logits, targets, fn = collect_outputs(unwrap(model), loader, device, amp_dtype, posthoc)
+    fmt = torch.channels_last if cfg["model"].get("channels_last") else None
+    logits, targets, fn = collect_outputs(unwrap(model), loader, device, amp_dtype, posthoc, memory_format=fmt)
     S = all_gather_cat(summarize(logits, targets, fn, logit_scale))
     e = cfg["eval"]
     out = metrics_from_summary(S, num_classes, cls_num_list, e["many"], e["few"], e["ece_bins"])
@@ -172,8 +186,153 @@ def prepare_stage(model, scfg: dict, stage: int, num_classes: int) -> None:
 def mixup(x, y, alpha: float):
     """Official GCL/LDAM form: λ ~ Beta(α, α) from numpy, one batch permutation (global torch RNG)."""
     lam = float(np.random.beta(alpha, alpha)) if alpha > 0 else 1.0
-    index = torch.randperm(x.size(0)).to(x.device)
+    index = to_device(torch.randperm(x.size(0)), x.device)
     return lam * x + (1 - lam) * x[index], y, y[index], lam
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor made on the CPU (a permutation, a noise draw) copied without blocking the host: pinned
+    first on CUDA, since a copy from pageable memory is synchronous."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def loader_options(d: dict, device: torch.device) -> dict:
+    """DataLoader keyword arguments of the ``data`` section: workers (persistent, prefetching) when
+    ``num_workers > 0``, pinned memory on CUDA (the copies are then asynchronous)."""
+    kw = {"num_workers": int(d["num_workers"]), "pin_memory": device.type == "cuda"}
+    if kw["num_workers"] > 0:   # torch rejects these without workers; a CPU run with num_workers=0 ignores them
+        kw["persistent_workers"] = bool(d.get("persistent_workers"))
+        if d.get("prefetch_factor"):
+            kw["prefetch_factor"] = int(d["prefetch_factor"])
+    return kw
+
+
+def apply_model_options(model: nn.Module, m: dict, t: dict, device: torch.device, world_size: int,
+                        log: Callable[[str], None] = print) -> nn.Module:
+    """``model.sync_bn`` (SyncBatchNorm under DDP on GPUs), placement on ``device``, ``model.channels_last`` and
+    ``train.compile`` (the backbone, compiled in place so that state-dict keys do not change)."""
+    if m.get("sync_bn") and world_size > 1:
+        if device.type == "cpu":   # SyncBatchNorm has no CPU kernel: keep per-rank statistics
+            log("model.sync_bn=true ignored on the CPU (SyncBatchNorm needs a GPU); BatchNorm statistics stay "
+                "per rank")
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if m.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    if t.get("compile"):
+        model.backbone.compile(mode=t.get("compile_mode", "default"), backend=t.get("compile_backend", "inductor"))
+    return model
+
+
+class LossStats:
+    """Per-step losses (and regulariser terms) kept as device tensors and read at the logging interval, so
+    that the step itself never waits for the device. :meth:`flush` reads them in one transfer, raises on the
+    first non-finite loss (naming its epoch and step) and advances ``running`` in step order.
+
+    ``running``: ``{"loss": sum of loss·n, "n": samples, "terms": {name: [sum of term·n, n]}}``, kept in the
+    checkpoint."""
+
+    def __init__(self, running: Optional[dict] = None):
+        self.running = running if running is not None else {}
+        self.running.setdefault("loss", 0.0)
+        self.running.setdefault("n", 0)
+        self.running.setdefault("terms", {})
+        self.pending: List[tuple] = []
+
+    def record(self, epoch: int, step: int, n: int, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
+        self.pending.append((epoch, step, n, loss.detach(), terms))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        flat = [p[3].float() for p in pending] + [v.detach().float() for p in pending for v in p[4].values()]
+        vals = torch.stack(flat).tolist()   # the one device-to-host read of the interval
+        terms = vals[len(pending):]
+        r = self.running
+        for (epoch, step, n, _, tm), v in zip(pending, vals):
+            if not math.isfinite(v):
+                raise FloatingPointError(f"non-finite loss {v} at epoch {epoch} step {step}")
+            r["loss"] += v * n
+            r["n"] += n
+            for k in tm:
+                acc = r["terms"].setdefault(k, [0.0, 0])
+                acc[0] += terms.pop(0) * n
+                acc[1] += n
+
+    def means(self) -> Dict[str, float]:
+        """``train_loss`` and ``train_<term>``: the means over the samples flushed so far."""
+        r = self.running
+        out = {"train_loss": r["loss"] / max(1, r["n"])}
+        out.update({f"train_{k}": s / max(1, n) for k, (s, n) in sorted(r["terms"].items())})
+        return out
+
+
+class StepRunner:
+    """One optimisation step of a stage: learning rate, asynchronous copy of the batch, mixup, forward under
+    autocast, the loss (with injected or shared cloud noise where configured), backward, clipping, the
+    optimizer step and the loss statistics. Nothing in it reads a device value on the host."""
+
+    def __init__(self, model: nn.Module, params: List[torch.Tensor], opt: torch.optim.Optimizer, scaler,
+                 driver, scfg: dict, device: torch.device, amp_dtype, stats: LossStats, rank: int = 0):
+        self.model, self.params, self.opt, self.scaler, self.driver = model, params, opt, scaler, driver
+        self.scfg, self.device, self.amp_dtype, self.stats, self.rank = scfg, device, amp_dtype, stats, rank
+        self.optim = scfg["optim"]
+        self.alpha = float(scfg["train"]["mixup_alpha"] or 0)
+        self.one_noise = scfg["train"]["mixup_noise"] == "one"
+        self.injected = scfg["loss"]["noise"] == "injected"
+        self.clip = float(self.optim["grad_clip"]) if self.optim.get("grad_clip") else None
+        self.channels_last = bool(scfg["model"].get("channels_last"))
+        self.keep_last = False   # keep (logits, features, target) of the step in .last (the reference check)
+        self.last = None
+
+    def noise(self, shape, global_step: int, call: int) -> torch.Tensor:
+        gen = noise_generator(self.scfg["seed"], global_step, call, self.rank) if self.injected else None
+        return to_device(torch.randn(shape, generator=gen) / 3.0, self.device)
+
+    def __call__(self, x, y, epoch: int, step: int, n_steps: int, global_step: int) -> None:
+        lr = lr_at(self.optim, epoch, step, n_steps)
+        for pg in self.opt.param_groups:
+            pg["lr"] = lr
+        fmt = torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format
+        x = x.to(self.device, non_blocking=True, memory_format=fmt)
+        y = torch.as_tensor(y).to(self.device, non_blocking=True)
+        if self.alpha > 0:
+            x, ya, yb, lam = mixup(x, y, self.alpha)
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits, feats = self.model(x, return_features=True)
+        logits, feats = logits.float(), feats.float()
+        driver = self.driver
+        shared = None
+        if driver.takes_noise and self.alpha > 0 and self.one_noise:
+            # one cloud-noise draw for both mixup terms (the official code draws twice)
+            shared = self.noise(logits.shape, global_step, 0)
+
+        def crit(target, call):
+            noise = shared
+            if noise is None and driver.takes_noise and self.injected:
+                noise = self.noise(logits.shape, global_step, call)
+            return driver(logits, feats, target, noise), driver.last_terms()
+
+        if self.alpha > 0:
+            (la, ta), (lb, tb) = crit(ya, 0), crit(yb, 1)
+            loss = lam * la + (1 - lam) * lb
+            terms = {k: lam * ta[k] + (1 - lam) * tb[k] for k in ta if k in tb}
+        else:
+            loss, terms = crit(y, 0)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip is not None:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.scaler.step(self.opt)   # with fp16 GradScaler this reads the inf check (torch's design)
+        self.scaler.update()
+        self.stats.record(epoch, step, len(y), loss, terms)
+        if self.keep_last:
+            self.last = (logits.detach(), feats.detach(), y)
 
 
 def noise_generator(seed: int, step: int, call: int, rank: int) -> torch.Generator:
@@ -185,6 +344,22 @@ def noise_generator(seed: int, step: int, call: int, rank: int) -> torch.Generat
 # ---------------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------------
+@dataclass
+class StageState:
+    """What the loop, the bookkeeping between steps and the checkpoint share within one stage."""
+    si: int
+    cfg: dict
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: object
+    sampler: LTSampler
+    best: dict
+    stats: LossStats
+    log_every: int = 0
+    ck_every: int = 0
+    progress: object = None
+
+
 class Trainer:
     def __init__(self, cfg: dict, log: Callable[[str], None] = print):
         self.cfg = cfg
@@ -213,7 +388,9 @@ class Trainer:
         ds = build_datasets(cfg["data"], cfg["seed"])
         self.ds = ds
         C, counts = ds["num_classes"], ds["cls_num_list"]
-        self.model = build_model({**cfg["model"], "head": resolve_head(cfg)}, C).to(self.device)
+        self.model = apply_model_options(build_model({**cfg["model"], "head": resolve_head(cfg)}, C), cfg["model"],
+                                         cfg["train"], self.device, self.ws, self.log)
+        self._eval_loaders: Dict[int, DataLoader] = {}
         state = None
         if cfg["train"]["resume"] and os.path.exists(self.ckpt_path):
             state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
@@ -304,7 +481,7 @@ class Trainer:
         start_epoch, start_step = 0, 0
         best = {"top1": -1.0, "epoch": -1}
         best_path = os.path.join(self.out, f"best_stage{si + 1}.pt")
-        running = {"loss": 0.0, "n": 0}
+        running = None
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -314,13 +491,24 @@ class Trainer:
             best = state["best"]
             running = state["running"]
             set_rng_state(state["rng"][self.rank] if len(state["rng"]) > self.rank else state["rng"][0])
+        st = StageState(si=si, cfg=scfg, model=model, opt=opt, scaler=scaler, sampler=sampler, best=best,
+                        stats=LossStats(running), log_every=int(scfg["train"]["log_every"] or 0),
+                        ck_every=int(scfg["train"]["ckpt_every_steps"] or 0))
+        runner = StepRunner(wrapped, params, opt, scaler, driver, scfg, self.device, self.amp_dtype, st.stats,
+                            self.rank)
+        runner.keep_last = other is not None
         val = ds["val"] if scfg["eval"]["select"] == "val" else None
         eval_set, eval_name = (ds["val"], "val") if ds["val"] is not None else (ds["test"], "test")
         progress = scfg["train"]["progress"] and self.rank == 0
         max_steps = scfg["train"].get("max_steps_per_epoch")
-        crash_at = scfg["train"].get("crash_at_step")
-        ck_every = int(scfg["train"]["ckpt_every_steps"] or 0)
         tag = f"{self.cfg['name']} s{si + 1}" if len(self.stages) > 1 else self.cfg["name"]
+        # one loader for the stage, so that persistent workers survive the epochs; its generator (the workers'
+        # base seed) is re-seeded per epoch
+        g = torch.Generator()
+        loader = DataLoader(ds["train"], batch_size=per_rank_bs, sampler=sampler, drop_last=d["drop_last"],
+                            generator=g, **loader_options(d, self.device))
+        evaluate_kw = dict(cfg=scfg, device=self.device, cls_num_list=counts, num_classes=C,
+                           logit_scale=logit_scale, amp_dtype=self.amp_dtype)
 
         for epoch in range(start_epoch, E):
             driver.set_epoch(epoch)
@@ -329,15 +517,12 @@ class Trainer:
             sampler.set_epoch(epoch)
             step0 = start_step if epoch == start_epoch else 0
             sampler.set_start(step0 * per_rank_bs)
-            g = torch.Generator()
             g.manual_seed(scfg["seed"] * 7919 + epoch * 31 + si)
-            loader = DataLoader(ds["train"], batch_size=per_rank_bs, sampler=sampler, num_workers=d["num_workers"],
-                                pin_memory=self.device.type == "cuda", drop_last=d["drop_last"], generator=g)
             n_steps = len(loader) + step0
             if max_steps:
                 n_steps = min(n_steps, int(max_steps))
             if step0 == 0:   # a mid-epoch resume continues the epoch's running loss from the checkpoint
-                running = {"loss": 0.0, "n": 0}
+                st.stats = runner.stats = LossStats()
             model.train()
             if si > 0 and scfg.get("freeze_backbone", True):
                 model.backbone.eval()
@@ -346,87 +531,67 @@ class Trainer:
                 from tqdm import tqdm
                 it = tqdm(loader, total=n_steps - step0, desc=f"{tag} ep {epoch + 1}/{E}", leave=False,
                           dynamic_ncols=True)
+            st.progress = it if progress else None
             for step, (x, y) in enumerate(it, start=step0):
                 if step >= n_steps:
                     break
-                lr = lr_at(o, epoch, step, n_steps)
-                for pg in opt.param_groups:
-                    pg["lr"] = lr
-                x = x.to(self.device, non_blocking=True)
-                y = torch.as_tensor(y).to(self.device, non_blocking=True)
-                alpha = float(scfg["train"]["mixup_alpha"] or 0)
-                if alpha > 0:
-                    x, ya, yb, lam = mixup(x, y, alpha)
-                with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype,
-                                    enabled=self.amp_dtype is not None):
-                    logits, feats = wrapped(x, return_features=True)
-                logits, feats = logits.float(), feats.float()
-
-                shared = None
-                if driver.takes_noise and alpha > 0 and scfg["train"]["mixup_noise"] == "one":
-                    # one cloud-noise draw for both mixup terms (the official code draws twice)
-                    gen = noise_generator(scfg["seed"], self.global_step, 0, self.rank) \
-                        if scfg["loss"]["noise"] == "injected" else None
-                    shared = (torch.randn(logits.shape, generator=gen) / 3.0).to(logits.device)
-
-                def crit(target, call):
-                    noise = shared
-                    if noise is None and driver.takes_noise and scfg["loss"]["noise"] == "injected":
-                        gen = noise_generator(scfg["seed"], self.global_step, call, self.rank)
-                        noise = (torch.randn(logits.shape, generator=gen) / 3.0).to(logits.device)
-                    return driver(logits, feats, target, noise)
-
-                loss = lam * crit(ya, 0) + (1 - lam) * crit(yb, 1) if alpha > 0 else crit(y, 0)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if o.get("grad_clip"):
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, float(o["grad_clip"]))
-                scaler.step(opt)
-                scaler.update()
-                running["loss"] += loss.item() * len(y)
-                running["n"] += len(y)
+                runner(x, y, epoch, step, n_steps, self.global_step)
                 if other is not None and self.global_step % ref_every == 0:
-                    self.reference_check(driver, other, logits, feats, y, scfg, si, epoch)
-                self.global_step += 1
-                if ck_every and self.global_step % ck_every == 0 and step + 1 < n_steps:
-                    self.save(si, epoch, step + 1, model, opt, scaler, sampler, best, running, done=False)
-                if crash_at is not None and self.global_step == int(crash_at):
-                    self.log(f"train.crash_at_step={crash_at}: exiting without cleanup (test hook)")
-                    os._exit(17)
+                    self.reference_check(driver, other, *runner.last, scfg, si, epoch)
+                self.after_step(st, epoch, step, n_steps)
             # ---- end of epoch: evaluate, select, log, checkpoint
-            row = {"stage": si + 1, "epoch": epoch + 1, "lr": lr_at(o, epoch), "train_loss":
-                   running["loss"] / max(1, running["n"])}
+            st.stats.flush()
+            row = {"stage": si + 1, "epoch": epoch + 1, "lr": lr_at(o, epoch), **st.stats.means()}
             every = int(scfg["eval"]["every"] or 0)
             if every and ((epoch + 1) % every == 0 or epoch + 1 == E):
-                m = evaluate(wrapped, eval_set, scfg, self.device, counts, C, logit_scale, self.amp_dtype)
+                m = evaluate(wrapped, eval_set, loader=self.eval_loader_of(eval_set, scfg), **evaluate_kw)
                 row.update({f"{eval_name}_{k}": v for k, v in m.items() if not isinstance(v, list)})
                 row["feat_norm_per_class"] = m.get("feat_norm_per_class")
-                if val is not None and m["top1"] > best["top1"]:
-                    best = {"top1": m["top1"], "epoch": epoch + 1}
+                if val is not None and m["top1"] > st.best["top1"]:
+                    st.best = {"top1": m["top1"], "epoch": epoch + 1}
                     if self.rank == 0:
                         atomic_save(model.state_dict(), best_path)
             self.history.append(row)
             self.log_row(row)
-            self.save(si, epoch + 1, 0, model, opt, scaler, sampler, best, running, done=False)
+            self.save(st, epoch + 1, 0, done=False)
         # ---- stage end: test the last (and best-by-validation) model
+        best = st.best
         res = {"stage": si + 1, "epochs": E, "loss": scfg["loss"]["name"], "best_epoch": best["epoch"],
                "best_path": best_path if best["epoch"] > 0 else None}
-        res["test_last"] = evaluate(wrapped, ds["test"], scfg, self.device, counts, C, logit_scale, self.amp_dtype)
+        test_loader = self.eval_loader_of(ds["test"], scfg)
+        res["test_last"] = evaluate(wrapped, ds["test"], loader=test_loader, **evaluate_kw)
         if best["epoch"] > 0:
             last_state = copy.deepcopy(model.state_dict())
             if self.ws > 1:
                 dist.barrier()
             model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False))
-            res["test_best"] = evaluate(wrapped, ds["test"], scfg, self.device, counts, C, logit_scale,
-                                        self.amp_dtype)
+            res["test_best"] = evaluate(wrapped, ds["test"], loader=test_loader, **evaluate_kw)
             model.load_state_dict(last_state)
         res["test"] = res.get("test_best", res["test_last"])
         res["selected"] = f"best val epoch {best['epoch']}" if best["epoch"] > 0 else "last epoch"
         self.ref_summary(res)
         return res
+
+    def eval_loader_of(self, dataset, scfg: dict) -> DataLoader:
+        """One evaluation loader per split and stage configuration, so that persistent workers are reused."""
+        key = (id(dataset), scfg["data"]["eval_batch_size"], scfg["data"]["num_workers"])
+        if key not in self._eval_loaders:
+            self._eval_loaders[key] = eval_loader(dataset, scfg, self.device)
+        return self._eval_loaders[key]
+
+    def after_step(self, st: "StageState", epoch: int, step: int, n_steps: int) -> None:
+        """Bookkeeping between steps: the step counter, the loss read every ``train.log_every`` steps (its
+        non-finite check included) and the mid-epoch checkpoint every ``train.ckpt_every_steps``."""
+        self.global_step += 1
+        if st.log_every and self.global_step % st.log_every == 0:
+            st.stats.flush()
+            mean = st.stats.means()["train_loss"]
+            if self.tb is not None:
+                self.tb.add_scalar("train_loss_running", mean, self.global_step)
+            if st.progress is not None:
+                st.progress.set_postfix(loss=f"{mean:.4f}", refresh=False)
+        if st.ck_every and self.global_step % st.ck_every == 0 and step + 1 < n_steps:
+            self.save(st, epoch, step + 1, done=False)
 
     # --------------------------------------------------------------------------------------------------
     def reference_check(self, driver, other, logits, feats, y, scfg, si, epoch):
@@ -463,7 +628,8 @@ class Trainer:
                                 "max_grad_diff": max(r["grad_diff"] for r in self.ref_rows)}
 
     # --------------------------------------------------------------------------------------------------
-    def save(self, si, epoch, step, model, opt, scaler, sampler, best, running, done, summary=None):
+    def save(self, st: "StageState", epoch: int, step: int, done: bool) -> None:
+        st.stats.flush()   # a model that saw a non-finite loss is never checkpointed
         rng = get_rng_state()
         if self.ws > 1:
             parts = [None] * self.ws
@@ -473,15 +639,15 @@ class Trainer:
             rng = [rng]
         if self.rank != 0:
             return
-        sd = sampler.state_dict()
-        sd["start"] = step * (self.stages[si]["data"]["batch_size"] // self.ws)
+        sd = st.sampler.state_dict()
+        sd["start"] = step * (self.stages[st.si]["data"]["batch_size"] // self.ws)
         sd["epoch"] = epoch
-        atomic_save({"version": CKPT_VERSION, "config_hash": self.hash, "stage": si, "epoch": epoch, "step": step,
-                     "global_step": self.global_step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "scheduler": {"epoch": epoch, "step": step}, "sampler": sd, "rng": rng, "best": best,
-                     "running": running, "history": self.history, "stage_results": self.stage_results,
-                     "done": done, "summary": summary}, self.ckpt_path)
+        atomic_save({"version": CKPT_VERSION, "config_hash": self.hash, "stage": st.si, "epoch": epoch, "step": step,
+                     "global_step": self.global_step, "model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
+                     "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None,
+                     "scheduler": {"epoch": epoch, "step": step}, "sampler": sd, "rng": rng, "best": st.best,
+                     "running": st.stats.running, "history": self.history, "stage_results": self.stage_results,
+                     "done": done, "summary": None}, self.ckpt_path)
 
     def log_row(self, row: dict, quiet: bool = False) -> None:
         if self.rank != 0:

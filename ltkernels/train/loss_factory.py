@@ -135,6 +135,12 @@ class LossDriver:
         """Scale applied to the head's output inside the loss (s for cosine-logit losses; 1 otherwise)."""
         return float(self.params.get("s", 1.0)) if SPECS[self.name][2] == "cosine" else 1.0
 
+    def last_terms(self) -> dict:
+        """The regulariser terms of the last call as detached device tensors (empty for plain losses)."""
+        if self.cls_name in REGULARISED:
+            return dict(getattr(self.criterion, "last_terms", {}) or {})
+        return {}
+
     def __call__(self, logits, features, target, noise=None):
         if self.cls_name in REGULARISED:
             w = self.head_weight()

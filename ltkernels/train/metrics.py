@@ -82,21 +82,23 @@ def metrics_from_summary(S: Dict[str, torch.Tensor], C: int, cls_num_list: Seque
 
 
 @torch.no_grad()
-def collect_outputs(model, loader, device, amp_dtype=None, posthoc=None):
-    """Runs the model over a loader; returns (logits float32 CPU, targets, feature norms)."""
+def collect_outputs(model, loader, device, amp_dtype=None, posthoc=None, memory_format=None):
+    """Runs the model over a loader; returns (logits float32 CPU, targets, feature norms). The outputs stay on
+    the device until the end (one transfer, not one wait per batch); ``memory_format``: that of 4-d inputs."""
     model.eval()
     L, T, F = [], [], []
     for x, y in loader:
-        x = x.to(device, non_blocking=True)
+        fmt = memory_format if memory_format is not None and x.dim() == 4 else torch.preserve_format
+        x = x.to(device, non_blocking=True, memory_format=fmt)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, feats = model(x, return_features=True)
         logits, feats = logits.float(), feats.float()
         if posthoc is not None:
             logits = posthoc(logits, feats)
-        L.append(logits.cpu())
-        T.append(torch.as_tensor(y).cpu())
-        F.append(feats.float().norm(dim=1).cpu())
-    return torch.cat(L), torch.cat(T), torch.cat(F)
+        L.append(logits)
+        T.append(torch.as_tensor(y))
+        F.append(feats.norm(dim=1))
+    return torch.cat(L).cpu(), torch.cat(T).cpu(), torch.cat(F).cpu()
 
 
 def format_table(rows: Dict[str, Dict], cols=("many", "medium", "few", "top1", "top5", "ece"),
