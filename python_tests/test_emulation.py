@@ -4,6 +4,10 @@ Proves that the emulator runs correct kernels correctly (block reductions with s
 memory, grid-stride loops, atomics, dynamic shared memory, votes), that the seeded mutants of the same
 kernels FAIL (a removed __syncthreads, a shifted index), and that misuse ends in an EmulatorError rather
 than a hang or a crash. Kernel tests of the project's real kernels: test_emulation_kernels.py.
+
+The mutant tests here run with the sanitizer off (``sanitize=False``): they prove what the scheduler and
+the poisoned shared memory catch on their own. test_emulation_sanitizer.py shows the sanitizer catching
+the same mutants (and those that the schedule cannot) with a precise message.
 """
 from __future__ import annotations
 
@@ -160,9 +164,16 @@ def test_shuffle_semantics(L, arg):
 
 
 # ---- seeded mutants: the same kernels, broken, must fail ---------------------------------------------------
+@pytest.fixture
+def no_sanitizer(L):
+    """The plain emulator: schedule and poison only (the sanitizer would report these mutants first)."""
+    with emu.options(sanitize=False):
+        yield
+
+
 @pytest.mark.parametrize("schedule", ["random", "uniform", "warps"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_mutant_missing_syncthreads_fails(L, seed, schedule):
+def test_mutant_missing_syncthreads_fails(L, no_sanitizer, seed, schedule):
     """row_sum with the __syncthreads between the per-warp shared-memory writes and the final warp's
     reads removed (toy_mutant_sync.cpp): under the seeded random schedule the final warp reads slots that
     other warps have not written yet (poisoned: NaN), so the result is wrong. The correct kernel passes
@@ -177,7 +188,7 @@ def test_mutant_missing_syncthreads_fails(L, seed, schedule):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_mutant_missing_syncthreads_dynamic_smem_fails(L, seed):
+def test_mutant_missing_syncthreads_dynamic_smem_fails(L, no_sanitizer, seed):
     n = 1000
     x = emu.guarded(torch.arange(n, dtype=torch.float32))
     ref = torch.cat([t.flip(0) for t in x.split(256)])
@@ -190,10 +201,11 @@ def test_mutant_missing_syncthreads_dynamic_smem_fails(L, seed):
     assert not torch.equal(y, ref)
 
 
-def test_mutant_missing_syncthreads_escapes_a_fixed_order(L):
+def test_mutant_missing_syncthreads_escapes_a_fixed_order(L, no_sanitizer):
     """Why the schedule is randomised: in reverse thread order (the last warps write their slots before
     warp 0 reads them) the mutant without __syncthreads happens to compute the right sums, so a fixed
-    order can miss a missing barrier; the random schedule above catches it for every seed."""
+    order can miss a missing barrier; the random schedule above catches it for every seed (and the
+    sanitizer in any order: test_emulation_sanitizer.py)."""
     x = torch.randn(4, 1000, dtype=torch.float64)
     with emu.options(schedule="reverse"):
         bad = _row_sum(L, x, 256, prefix="ltk_emu_toy_nosync_")
@@ -201,7 +213,7 @@ def test_mutant_missing_syncthreads_escapes_a_fixed_order(L):
 
 
 @pytest.mark.parametrize("seed", SEEDS[:3])
-def test_mutant_missing_syncthreads_fails_without_poison(L, seed):
+def test_mutant_missing_syncthreads_fails_without_poison(L, no_sanitizer, seed):
     """Even without poisoned shared memory the mutant reads stale slots from the previous block."""
     x = torch.randn(4, 1000, dtype=torch.float64)
     with emu.options(seed=seed, poison=False):
@@ -217,7 +229,7 @@ def _row_stats(L, x, prefix):
 
 @pytest.mark.parametrize("schedule", ["random", "warps"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_mutant_missing_reuse_barrier_fails(L, seed, schedule):
+def test_mutant_missing_reuse_barrier_fails(L, no_sanitizer, seed, schedule):
     """Two block reductions in a row sharing the slots, without the barrier after the first one's reads
     (toy_mutant_reuse.cpp): a warp that runs ahead writes its slot for the second reduction while a slower
     warp still reads the first one's. Caught by the warp-priority schedule (part of the default random
@@ -230,9 +242,9 @@ def test_mutant_missing_reuse_barrier_fails(L, seed, schedule):
     assert not torch.allclose(bad, ref), "the mutant without the reuse barrier went undetected"
 
 
-def test_mutant_missing_reuse_barrier_escapes_uniform_interleaving(L):
+def test_mutant_missing_reuse_barrier_escapes_uniform_interleaving(L, no_sanitizer):
     """Why warp priorities: with every thread drawn uniformly, all warps progress in step and the reuse
-    race never materialises."""
+    race never materialises (the sanitizer reports it in any order: test_emulation_sanitizer.py)."""
     x = torch.randn(6, 3000, dtype=torch.float64)
     with emu.options(schedule="uniform"):
         bad = _row_stats(L, x, "ltk_emu_toy_reuse_")
@@ -248,8 +260,9 @@ def test_mutant_shifted_index_fails(L):
         L.call("ltk_emu_toy_shift_axpy_f32", ctypes.c_longlong(n), ctypes.c_float(1.0), ptr(x), ptr(y), 3)
 
 
-def test_mutant_shifted_index_fails_without_guard(L):
-    """Without guarded buffers the shifted kernel still gives a wrong answer for element 0."""
+def test_mutant_shifted_index_fails_without_guard(L, no_sanitizer):
+    """Without guarded buffers (and without the sanitizer's memcheck) the shifted kernel still gives a
+    wrong answer for element 0."""
     n = 1000
     x, y0 = torch.randn(n + 1), torch.randn(n + 1)  # one spare element so the overrun stays in bounds
     y = y0.clone()

@@ -182,6 +182,7 @@ inline void __nanosleep(unsigned) {
   if (::ltk::emu::detail::g_rt.cur) ::ltk::emu::detail::yield_current();
 }
 inline unsigned __activemask() {
+  ::ltk::emu::detail::RtScope rt;
   const auto& r = ::ltk::emu::detail::g_rt;
   return r.cur ? r.warps[r.cur->lin >> 5].live : 0u;
 }
@@ -268,7 +269,9 @@ inline unsigned __match_any_sync(unsigned mask, T v, const char* file = __builti
 
 // ---------------------------------------------------------------------------------------------------
 // Atomics: the emulator runs one thread at a time, so plain read-modify-writes are atomic. Under the
-// random schedule each atomic is also a scheduling point.
+// random schedule each atomic is also a scheduling point. AtomicScope marks the read and the write of the
+// emulated read-modify-write as atomic for the sanitizer (two atomics never race) and names the caller's
+// line (the trailing defaulted arguments), since the accesses themselves are inside these templates.
 namespace ltk {
 namespace emu {
 namespace detail {
@@ -277,100 +280,144 @@ inline void atomic_point() {
   if (r.cur && r.opt.yield_on_atomic && r.opt.schedule != Schedule::Forward && r.opt.schedule != Schedule::Reverse)
     yield_current();
 }
+struct AtomicScope {
+  AtomicScope(const char* file, int line) {
+    g_atomic_file = file;
+    g_atomic_line = line;
+    g_rt.atomic_access = 1;
+    LTK_EMU_COMPILER_BARRIER();
+  }
+  ~AtomicScope() {
+    LTK_EMU_COMPILER_BARRIER();
+    g_rt.atomic_access = 0;
+    atomic_point();
+  }
+  static inline const char* g_atomic_file = nullptr;
+  static inline int g_atomic_line = 0;
+};
 }  // namespace detail
 }  // namespace emu
 }  // namespace ltk
+#define LTK_EMU_ATOMIC_SITE const char *ltk_file = __builtin_FILE(), int ltk_line = __builtin_LINE()
+#define LTK_EMU_ATOMIC_BEGIN ::ltk::emu::detail::AtomicScope ltk_atomic_scope(ltk_file, ltk_line)
 
 template <class T, class U>
-inline T atomicAdd(T* address, U val) {
-  T old = *address;
-  *address = static_cast<T>(old + static_cast<T>(val));
-  ::ltk::emu::detail::atomic_point();
+inline T atomicAdd(T* address, U val, LTK_EMU_ATOMIC_SITE) {
+  T old;
+  {
+    LTK_EMU_ATOMIC_BEGIN;
+    old = *address;
+    *address = static_cast<T>(old + static_cast<T>(val));
+  }
   return old;
 }
 template <class T, class U>
-inline T atomicSub(T* address, U val) {
-  T old = *address;
-  *address = static_cast<T>(old - static_cast<T>(val));
-  ::ltk::emu::detail::atomic_point();
+inline T atomicSub(T* address, U val, LTK_EMU_ATOMIC_SITE) {
+  T old;
+  {
+    LTK_EMU_ATOMIC_BEGIN;
+    old = *address;
+    *address = static_cast<T>(old - static_cast<T>(val));
+  }
   return old;
 }
 template <class T, class U>
-inline T atomicExch(T* address, U val) {
-  T old = *address;
-  *address = static_cast<T>(val);
-  ::ltk::emu::detail::atomic_point();
+inline T atomicExch(T* address, U val, LTK_EMU_ATOMIC_SITE) {
+  T old;
+  {
+    LTK_EMU_ATOMIC_BEGIN;
+    old = *address;
+    *address = static_cast<T>(val);
+  }
   return old;
 }
 template <class T, class U>
-inline T atomicMax(T* address, U val) {
-  T old = *address;
-  *address = old < static_cast<T>(val) ? static_cast<T>(val) : old;
-  ::ltk::emu::detail::atomic_point();
+inline T atomicMax(T* address, U val, LTK_EMU_ATOMIC_SITE) {
+  T old;
+  {
+    LTK_EMU_ATOMIC_BEGIN;
+    old = *address;
+    *address = old < static_cast<T>(val) ? static_cast<T>(val) : old;
+  }
   return old;
 }
 template <class T, class U>
-inline T atomicMin(T* address, U val) {
-  T old = *address;
-  *address = static_cast<T>(val) < old ? static_cast<T>(val) : old;
-  ::ltk::emu::detail::atomic_point();
+inline T atomicMin(T* address, U val, LTK_EMU_ATOMIC_SITE) {
+  T old;
+  {
+    LTK_EMU_ATOMIC_BEGIN;
+    old = *address;
+    *address = static_cast<T>(val) < old ? static_cast<T>(val) : old;
+  }
   return old;
 }
 template <class T, class U, class V>
-inline T atomicCAS(T* address, U compare, V val) {
-  T old = *address;
-  if (old == static_cast<T>(compare)) *address = static_cast<T>(val);
-  ::ltk::emu::detail::atomic_point();
+inline T atomicCAS(T* address, U compare, V val, LTK_EMU_ATOMIC_SITE) {
+  T old;
+  {
+    LTK_EMU_ATOMIC_BEGIN;
+    old = *address;
+    if (old == static_cast<T>(compare)) *address = static_cast<T>(val);
+  }
   return old;
 }
 template <class T, class U>
-inline T atomicAnd(T* address, U val) {
-  T old = *address;
-  *address = old & static_cast<T>(val);
-  ::ltk::emu::detail::atomic_point();
+inline T atomicAnd(T* address, U val, LTK_EMU_ATOMIC_SITE) {
+  T old;
+  {
+    LTK_EMU_ATOMIC_BEGIN;
+    old = *address;
+    *address = old & static_cast<T>(val);
+  }
   return old;
 }
 template <class T, class U>
-inline T atomicOr(T* address, U val) {
-  T old = *address;
-  *address = old | static_cast<T>(val);
-  ::ltk::emu::detail::atomic_point();
+inline T atomicOr(T* address, U val, LTK_EMU_ATOMIC_SITE) {
+  T old;
+  {
+    LTK_EMU_ATOMIC_BEGIN;
+    old = *address;
+    *address = old | static_cast<T>(val);
+  }
   return old;
 }
 template <class T, class U>
-inline T atomicXor(T* address, U val) {
-  T old = *address;
-  *address = old ^ static_cast<T>(val);
-  ::ltk::emu::detail::atomic_point();
+inline T atomicXor(T* address, U val, LTK_EMU_ATOMIC_SITE) {
+  T old;
+  {
+    LTK_EMU_ATOMIC_BEGIN;
+    old = *address;
+    *address = old ^ static_cast<T>(val);
+  }
   return old;
 }
 template <class T, class U>
-inline T atomicAdd_block(T* a, U v) { return atomicAdd(a, v); }
+inline T atomicAdd_block(T* a, U v, LTK_EMU_ATOMIC_SITE) { return atomicAdd(a, v, ltk_file, ltk_line); }
 template <class T, class U>
-inline T atomicAdd_system(T* a, U v) { return atomicAdd(a, v); }
+inline T atomicAdd_system(T* a, U v, LTK_EMU_ATOMIC_SITE) { return atomicAdd(a, v, ltk_file, ltk_line); }
 
 // ---------------------------------------------------------------------------------------------------
 // Cache-hinted loads and stores.
 template <class T>
-inline T __ldg(const T* p) { return *p; }
+__forceinline__ T __ldg(const T* p) { return *p; }
 template <class T>
-inline T __ldcg(const T* p) { return *p; }
+__forceinline__ T __ldcg(const T* p) { return *p; }
 template <class T>
-inline T __ldca(const T* p) { return *p; }
+__forceinline__ T __ldca(const T* p) { return *p; }
 template <class T>
-inline T __ldcs(const T* p) { return *p; }
+__forceinline__ T __ldcs(const T* p) { return *p; }
 template <class T>
-inline T __ldlu(const T* p) { return *p; }
+__forceinline__ T __ldlu(const T* p) { return *p; }
 template <class T>
-inline T __ldcv(const T* p) { return *p; }
+__forceinline__ T __ldcv(const T* p) { return *p; }
 template <class T>
-inline void __stcg(T* p, T v) { *p = v; }
+__forceinline__ void __stcg(T* p, T v) { *p = v; }
 template <class T>
-inline void __stcs(T* p, T v) { *p = v; }
+__forceinline__ void __stcs(T* p, T v) { *p = v; }
 template <class T>
-inline void __stwb(T* p, T v) { *p = v; }
+__forceinline__ void __stwb(T* p, T v) { *p = v; }
 template <class T>
-inline void __stwt(T* p, T v) { *p = v; }
+__forceinline__ void __stwt(T* p, T v) { *p = v; }
 
 // ---------------------------------------------------------------------------------------------------
 // Arithmetic intrinsics. *_rn are exact IEEE operations (the build uses -ffp-contract=off, so no implicit

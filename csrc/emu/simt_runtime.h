@@ -86,6 +86,14 @@ struct Options {
   // and y (0 = the launch's grid), so that their loops wrap even at small test sizes. Never use it for
   // kernels that map one block to one work item.
   unsigned clamp_grid = 0;
+  // Sanitizer (csrc/emu/sanitizer.h; needs a library built with the access instrumentation, which
+  // python_tests/emu builds by default): every global and shared memory access of device code is checked
+  // for races (racecheck), out-of-bounds addresses (memcheck) and reads of never-written output or shared
+  // memory (initcheck). LTK_EMU_SANITIZE=0 turns it off.
+  bool sanitize = true;
+  // Memory-access model: record every access and aggregate warp-level requests (sectors, lanes, width,
+  // bank conflicts) per launch. Off unless asked for (ltk::emu::model_json, python_tests/emu/model.py).
+  bool model = false;
 };
 
 struct LaunchRecord {
@@ -128,6 +136,7 @@ inline Options options_from_env() {
   if (const char* s = std::getenv("LTK_EMU_POISON")) o.poison_shared = std::atoi(s) != 0;
   if (const char* s = std::getenv("LTK_EMU_SHUFFLE_BLOCKS")) o.shuffle_blocks = std::atoi(s) != 0;
   if (const char* s = std::getenv("LTK_EMU_CLAMP_GRID")) o.clamp_grid = unsigned(std::max(0, std::atoi(s)));
+  if (const char* s = std::getenv("LTK_EMU_SANITIZE")) o.sanitize = std::atoi(s) != 0;
   return o;
 }
 
@@ -202,6 +211,7 @@ struct Thread {
   int line = 0;
   const char* what = "";
   char* stack_lo = nullptr;  // usable stack [stack_lo, stack_lo + stack_bytes); guard page below
+  uint32_t syncs = 0;        // barriers and warp collectives this thread has passed (the model's intervals)
 };
 
 enum WKind : int {
@@ -228,6 +238,9 @@ struct Warp {
   uint64_t val[32];
   uint64_t out[32];
   int arg[32];
+  // Participants of every collective this warp completed since the block's last barrier: two lanes are
+  // ordered by a collective both took part in (the sanitizer's happens-before, sanitizer.h).
+  std::vector<uint32_t> hist;
 };
 
 struct GuardedRegion {
@@ -291,9 +304,39 @@ struct Runtime {
   size_t altstack_bytes = 0;
   std::vector<LaunchRecord> log;
   std::vector<std::pair<ptrdiff_t, size_t>> static_shared;  // static __shared__: offset from g_tls_marker, bytes
+  std::vector<std::string> static_shared_names;             // same order (for diagnostics)
+  // sanitizer state (csrc/emu/sanitizer.h)
+  volatile int in_rt = 0;      // 1 while the emulator's own code runs inside a fiber: its accesses are not device accesses
+  volatile int atomic_access = 0;  // 1 inside an emulated atomic: its accesses are atomic
+  uint32_t launch_id = 0;      // incremented per launch: accesses of earlier launches are ordered (stream order)
+  uint32_t block_lin = 0;      // linear index of the running block
+  uint32_t epoch = 0;          // barriers the running block has passed
+  void* san = nullptr;         // sanitizer::State (owned by the sanitizer translation unit)
 };
 
 inline Runtime g_rt;
+
+// A compiler barrier: the instrumentation calls are inserted after optimisation, so without it the
+// optimiser may move device accesses across the flag stores below (and drop a store of 1 followed by 0).
+#define LTK_EMU_COMPILER_BARRIER() __asm__ __volatile__("" ::: "memory")
+
+// Marks the emulator's own code while it runs on a fiber (barriers, collectives, scheduling, failure
+// paths): the sanitizer ignores its memory accesses, which are not device accesses. Restores the previous
+// value, so nesting is harmless; the scheduler sets in_rt = 1 before resuming a fiber, because every fiber
+// resumes inside emulator code.
+struct RtScope {
+  int prev;
+  RtScope() : prev(g_rt.in_rt) {
+    g_rt.in_rt = 1;
+    LTK_EMU_COMPILER_BARRIER();
+  }
+  ~RtScope() {
+    LTK_EMU_COMPILER_BARRIER();
+    g_rt.in_rt = prev;
+  }
+  RtScope(const RtScope&) = delete;
+  RtScope& operator=(const RtScope&) = delete;
+};
 // Reference point in this shared object's thread-local block: static __shared__ variables are registered
 // by their TLS offset relative to it.
 inline thread_local char g_tls_marker __attribute__((used)) = 0;
@@ -301,6 +344,23 @@ inline uint3 g_thread_idx{0, 0, 0};
 inline uint3 g_block_idx{0, 0, 0};
 inline dim3 g_block_dim{1, 1, 1};
 inline dim3 g_grid_dim{1, 1, 1};
+
+}  // namespace detail
+}  // namespace emu
+}  // namespace ltk
+
+// Events the runtime reports to the sanitizer (defined once per library by csrc/emu/sanitizer_impl.h,
+// which python_tests/emu/sanitizer.cpp compiles without instrumentation).
+extern "C" void ltk_emu_san_launch_begin();
+extern "C" void ltk_emu_san_launch_end();
+extern "C" void ltk_emu_san_block_begin();
+extern "C" void ltk_emu_san_block_end(int ok);
+// Replaces the {{pc:HEX}} markers of a sanitizer message by source locations (addr2line).
+extern "C" void ltk_emu_san_symbolize(std::string* msg);
+
+namespace ltk {
+namespace emu {
+namespace detail {
 
 inline const char* short_path(const char* f) {
   // keep the last two path components: "cuda/margin_ce_kernels.cuh"
@@ -384,6 +444,7 @@ inline void make_runnable(unsigned i) {
 // Ends the current thread's participation with a diagnostic; the launch throws Error. Called from
 // device code (a fiber) or, outside a launch, throws directly.
 [[noreturn]] inline void fail(const std::string& msg) {
+  RtScope rt;
   Runtime& r = g_rt;
   Thread* t = r.cur;
   if (!t || !r.in_launch) throw Error("ltk::emu: " + msg);
@@ -396,6 +457,7 @@ inline void make_runnable(unsigned i) {
 }
 
 inline void yield_current() {
+  RtScope rt;
   Runtime& r = g_rt;
   r.runq.push_back(r.cur->lin);
   switch_out();
@@ -521,12 +583,17 @@ inline void maybe_complete_warp(unsigned wi) {
   }
   w.arrived = 0;
   w.kind = -1;
+  w.hist.push_back(part);  // the participants are now ordered with each other
   for (int l = 0; l < 32; ++l)
-    if (part >> l & 1) make_runnable(wi * 32 + l);
+    if (part >> l & 1) {
+      ++r.th[wi * 32 + l].syncs;
+      make_runnable(wi * 32 + l);
+    }
 }
 
 inline uint64_t warp_collective(int kind, unsigned mask, uint64_t val, int arg, int width, const char* file,
                                 int line) {
+  RtScope rt;
   Runtime& r = g_rt;
   Thread* tp = r.cur;
   if (!tp) throw Error(std::string("ltk::emu: ") + wkind_name(kind) + " called outside a kernel");
@@ -578,6 +645,7 @@ inline uint64_t warp_collective(int kind, unsigned mask, uint64_t val, int arg, 
 // kind: 0 __syncthreads, 1 _count, 2 _and, 3 _or
 inline int block_barrier(int kind, int pred, const char* file, int line) {
   static const char* names[] = {"__syncthreads", "__syncthreads_count", "__syncthreads_and", "__syncthreads_or"};
+  RtScope rt;
   Runtime& r = g_rt;
   Thread* tp = r.cur;
   if (!tp) throw Error("ltk::emu: __syncthreads called outside a kernel");
@@ -617,13 +685,19 @@ inline int block_barrier(int kind, int pred, const char* file, int line) {
     r.bar_arrived = 0;
     if (r.warp_priority)  // a change point: another warp may lead the next phase
       for (auto& p : r.warp_prio) p = splitmix64(r.rng);
-    for (unsigned i = 0; i < r.nthreads; ++i) make_runnable(i);
+    ++r.epoch;  // everything before this barrier is ordered before everything after it
+    for (auto& w : r.warps) w.hist.clear();
+    for (unsigned i = 0; i < r.nthreads; ++i) {
+      ++r.th[i].syncs;
+      make_runnable(i);
+    }
   }
   switch_out();
   return r.bar_result;
 }
 
 [[noreturn]] inline void thread_exit() {
+  RtScope rt;
   Runtime& r = g_rt;
   Thread& t = *r.cur;
   // An exiting lane leaves the mask of a pending warp collective (CUDA: "all non-exited threads named in
@@ -646,7 +720,7 @@ inline void fiber_main(void* p) {
   std::string exc;
   bool threw = false;
   try {
-    r.invoke(r.invoke_ctx);
+    r.invoke(r.invoke_ctx);  // clears in_rt around the kernel body (LaunchPack::invoke)
   } catch (const std::exception& e) {
     threw = true;
     exc = e.what();
@@ -654,6 +728,7 @@ inline void fiber_main(void* p) {
     threw = true;
     exc = "unknown exception";
   }
+  r.in_rt = 1;
   if (threw) fail("a C++ exception escaped device code: " + exc);
   thread_exit();
 }
@@ -733,8 +808,9 @@ inline uintptr_t saved_sp(void* ucv) {
 #endif
 }
 
-inline void on_signal(int sig, siginfo_t* si, void* ucv) {
+__attribute__((no_sanitize_thread)) inline void on_signal(int sig, siginfo_t* si, void* ucv) {
   Runtime& r = g_rt;
+  r.in_rt = 1;  // the handler's accesses (its frame is on the alternate stack) are not device accesses
   Thread* t = r.cur;
   bool ours = false;
   if (r.in_fiber && t) {
@@ -929,6 +1005,8 @@ inline void run_block(uint3 bidx) {
   r.bar_arrived = 0;
   r.done = 0;
   r.runq.clear();
+  r.block_lin = unsigned(bidx.x + uint64_t(bidx.y) * r.grid.x + uint64_t(bidx.z) * r.grid.x * r.grid.y);
+  r.epoch = 0;
   r.warp_priority = r.opt.schedule == Schedule::WarpPriority ||
                     (r.opt.schedule == Schedule::Random && (splitmix64(r.rng) & 1));
   r.warp_prio.resize(r.nwarps);
@@ -939,6 +1017,7 @@ inline void run_block(uint3 bidx) {
     wp.kind = -1;
     unsigned n = std::min(32u, r.nthreads - w * 32);
     wp.live = n == 32 ? 0xFFFFFFFFu : ((1u << n) - 1);
+    wp.hist.clear();
   }
   for (unsigned i = 0; i < r.nthreads; ++i) {
     Thread& t = r.th[i];
@@ -947,6 +1026,7 @@ inline void run_block(uint3 bidx) {
     t.st = TS::Runnable;
     t.stack_lo = r.stacks[i] + r.page;
     t.what = "";
+    t.syncs = 0;
     ctx_make(t.ctx, t.stack_lo, r.stack_bytes, &fiber_main, &t);
     r.runq.push_back(i);
   }
@@ -957,6 +1037,7 @@ inline void run_block(uint3 bidx) {
     else std::memset(r.smem_region.lo, 0, r.smem);
     std::memset(r.smem_region.lo + r.smem, 0xFF, r.smem_rounded - r.smem);  // canary up to the guard page
   }
+  ltk_emu_san_block_begin();
   while (!r.failed && !r.runq.empty()) {
     if (r.timed_out) {
       r.failed = true;
@@ -997,22 +1078,25 @@ inline void run_block(uint3 bidx) {
     Thread& t = r.th[i];
     r.cur = &t;
     g_thread_idx = t.idx;
+    r.in_rt = 1;  // the fiber resumes inside emulator code
     r.in_fiber = 1;
     ctx_switch(r.sched, t.ctx);
     r.in_fiber = 0;
     r.cur = nullptr;
     ++r.switches;
   }
+  r.in_rt = 0;
   if (r.fault_kind != kFaultNone) {
     r.err = describe_fault();
+    ltk_emu_san_block_end(0);
     return;
   }
-  if (r.failed) return;
-  if (r.done != r.nthreads) {
+  if (!r.failed && r.done != r.nthreads) {
     r.failed = true;
     r.err = deadlock_report();
-    return;
   }
+  ltk_emu_san_block_end(!r.failed);
+  if (r.failed) return;
   if (r.smem_region.map) {
     for (size_t k = r.smem; k < r.smem_rounded; ++k)
       if (static_cast<unsigned char>(r.smem_region.lo[k]) != 0xFF) {
@@ -1073,6 +1157,8 @@ inline void run_launch(const void* fn, dim3 grid, dim3 block, size_t smem, void 
   } else if (r.opt.schedule == Schedule::Reverse) {
     std::reverse(order.begin(), order.end());
   }
+  ++r.launch_id;
+  ltk_emu_san_launch_begin();
   r.in_launch = true;
   install_signals();
   for (uint64_t b : order) {
@@ -1082,12 +1168,14 @@ inline void run_launch(const void* fn, dim3 grid, dim3 block, size_t smem, void 
   }
   remove_signals();
   r.in_launch = false;
+  ltk_emu_san_launch_end();
   rec.context_switches = r.switches;
   rec.failed = r.failed;
   r.log.push_back(rec);
   if (r.log.size() > 10000) r.log.erase(r.log.begin(), r.log.begin() + 5000);
   if (r.failed) {
     std::string e = r.err.empty() ? launch_desc() + ": launch failed" : r.err;
+    ltk_emu_san_symbolize(&e);
     throw Error(e);
   }
 }
@@ -1101,6 +1189,7 @@ inline std::vector<LaunchRecord>& launch_log() { return detail::g_rt.log; }
 
 // Dynamic shared memory of the running block (what `extern __shared__` names on a GPU).
 inline unsigned char* dynamic_shared_memory() {
+  detail::RtScope rt;
   if (!detail::g_rt.cur) throw Error("ltk::emu: dynamic shared memory used outside a kernel");
   return reinterpret_cast<unsigned char*>(detail::g_rt.smem_base);
 }
@@ -1130,11 +1219,12 @@ inline void guarded_free(void* p) {
 // Registers a static __shared__ variable by its offset (bytes) from ltk::emu::detail::g_tls_marker in the
 // thread-local block of this shared object (ELF st_value of the variable minus that of the marker), so
 // that it is poisoned before every block like dynamic shared memory.
-inline void register_static_shared(ptrdiff_t offset_from_marker, size_t bytes) {
+inline void register_static_shared(ptrdiff_t offset_from_marker, size_t bytes, const char* name = "") {
   std::lock_guard<std::mutex> lock(detail::g_rt.mu);
   for (const auto& r : detail::g_rt.static_shared)
     if (r.first == offset_from_marker) return;
   detail::g_rt.static_shared.emplace_back(offset_from_marker, bytes);
+  detail::g_rt.static_shared_names.emplace_back(name ? name : "");
 }
 
 namespace detail {
@@ -1148,8 +1238,16 @@ struct LaunchPack {
   Tuple params;
   static void invoke(void* p) {
     auto* self = static_cast<LaunchPack*>(p);
-    // each emulated thread gets its own copy of the parameters, as on a GPU
-    std::apply([self](const auto&... a) { self->fn(a...); }, self->params);
+    // each emulated thread gets its own copy of the parameters, as on a GPU (on its own stack: copied
+    // while in_rt is still set, because the pack lives on the launching thread's stack)
+    F fn = self->fn;
+    Tuple params(self->params);
+    LTK_EMU_COMPILER_BARRIER();
+    g_rt.in_rt = 0;  // device code from here
+    LTK_EMU_COMPILER_BARRIER();
+    std::apply([fn](auto&... a) { fn(a...); }, params);
+    LTK_EMU_COMPILER_BARRIER();
+    g_rt.in_rt = 1;
   }
 };
 }  // namespace detail

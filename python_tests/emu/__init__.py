@@ -5,6 +5,12 @@ and ``-DLTK_EMULATE`` through the emulator in csrc/emu, and exposes ``extern "C"
 that tests call through ctypes. No torch headers beyond c10's scalar types are compiled, so a rebuild of
 one translation unit takes seconds, and nothing here needs a GPU or the CUDA toolkit.
 
+Sanitizer: every translation unit with device code is compiled with GCC's ThreadSanitizer instrumentation
+(``-fsanitize=thread``, no TSan runtime: csrc/emu/sanitizer_impl.h provides the hooks, in sanitizer.cpp,
+which is compiled without it), so every global and shared memory access of an emulated kernel is checked
+for races, out-of-bounds addresses and uninitialised reads, and can feed the memory-access model
+(emu/model.py). ``LTK_EMU_INSTRUMENT=0`` builds a library without it (the checks then do nothing).
+
 Caching: every object is keyed by a hash of the compiler, the flags, its source and the current contents
 of every project header it included last time (from the ``-MD`` depfile); the shared library is keyed by
 the hash of its objects. An unchanged tree loads the cached library without running the compiler.
@@ -36,8 +42,11 @@ _TORCH_INC = os.path.join(os.path.dirname(torch.__file__), "include")
 # and the subset of python_tests/emu/*.cpp to build.
 EXTRA_INCLUDE = os.environ.get("LTK_EMU_EXTRA_INCLUDE")
 ONLY_SOURCES = [s for s in os.environ.get("LTK_EMU_SOURCES", "").split(",") if s]
+INSTRUMENT = os.environ.get("LTK_EMU_INSTRUMENT", "1") != "0"
 CXXFLAGS = ([f"-I{EXTRA_INCLUDE}"] if EXTRA_INCLUDE else []) + [
-    "-std=c++20", "-O1", "-g0", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing",
+    # -g1: line tables, so that the sanitizer names source lines (addr2line on the library); DWARF 4
+    # because binutils 2.40 misreads the file table of GCC 12's DWARF 5 for a .cpp that includes a .cpp
+    "-std=c++20", "-O1", "-g1", "-gdwarf-4", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing",
     "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type",
     # probe every stack page, so that an overflowing emulated thread hits its guard page
     "-fstack-clash-protection",
@@ -47,7 +56,19 @@ CXXFLAGS = ([f"-I{EXTRA_INCLUDE}"] if EXTRA_INCLUDE else []) + [
     "-I" + os.path.join(ROOT, "csrc"),
     "-I" + _TORCH_INC,
 ]
+# Device-code translation units: every memory access calls __tsan_readN / __tsan_writeN (sanitizer_impl.h).
+# Function entry/exit hooks are not needed. The translation units below are host-only or the hooks.
+INSTRUMENT_FLAGS = ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-DLTK_EMU_INSTRUMENTED"] \
+    if INSTRUMENT else []
+UNINSTRUMENTED = {"sanitizer.cpp", "api.cpp"}
 LDFLAGS = ["-shared", "-Wl,--no-undefined", "-ldl", "-lpthread"]
+
+
+def _flags(src: str) -> list[str]:
+    name = os.path.basename(src)
+    if name in UNINSTRUMENTED:
+        return CXXFLAGS + (["-DLTK_EMU_INSTRUMENTED"] if INSTRUMENT else [])
+    return CXXFLAGS + INSTRUMENT_FLAGS
 
 
 class EmulatorError(RuntimeError):
@@ -83,6 +104,7 @@ def _compiler() -> str:
 
 def sources() -> list[str]:
     names = ONLY_SOURCES or [f for f in os.listdir(HERE) if f.endswith(".cpp")]
+    names = set(names) | {"sanitizer.cpp"}  # the hooks every instrumented library needs
     return sorted(os.path.join(HERE, f) for f in names)
 
 
@@ -108,7 +130,7 @@ def _obj_key(src: str, obj_dir: str) -> str | None:
     if not os.path.exists(dep):
         return None
     deps = _project_deps(dep)
-    return _sha(_compiler(), " ".join(CXXFLAGS), torch.__version__, src, _read(src),
+    return _sha(_compiler(), " ".join(_flags(src)), torch.__version__, src, _read(src),
                 *[d + "\n" + _sha(_read(d)) for d in deps])
 
 
@@ -121,7 +143,7 @@ def _compile(src: str, obj_dir: str) -> tuple[str, str, float]:
         return obj, key, 0.0
     t0 = time.time()
     dep = os.path.join(obj_dir, stem + ".d")
-    cmd = [CXX, *CXXFLAGS, "-MD", "-MF", dep, "-c", src, "-o", obj + ".tmp"]
+    cmd = [CXX, *_flags(src), "-MD", "-MF", dep, "-c", src, "-o", obj + ".tmp"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"emulation build failed for {os.path.relpath(src, ROOT)}:\n{' '.join(cmd)}\n"
@@ -191,6 +213,14 @@ class _Lib:
         self.cdll.ltk_emu_set_options.argtypes = [ctypes.c_longlong, ctypes.c_int, ctypes.c_double, ctypes.c_int,
                                                   ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self.cdll.ltk_emu_launch_count.restype = ctypes.c_longlong
+        self.cdll.ltk_emu_buffer_register.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int,
+                                                      ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+        self.cdll.ltk_emu_buffer_unregister.argtypes = [ctypes.c_void_p]
+        self.cdll.ltk_emu_buffer_count.restype = ctypes.c_longlong
+        self.cdll.ltk_emu_model_json.restype = ctypes.c_char_p
+        self.cdll.ltk_emu_register_static_shared_named.argtypes = [ctypes.c_longlong, ctypes.c_longlong,
+                                                                   ctypes.c_char_p]
+        self.instrumented = bool(self.cdll.ltk_emu_sanitizer_instrumented())
         self.static_shared = []
         syms = _static_shared_symbols(path)
         marker = [off for name, off, _ in syms if name.endswith("g_tls_marker")]
@@ -201,8 +231,8 @@ class _Lib:
                 if name.startswith(("std::", "c10::", "ltk::emu::", "ltk_emu_test::", "__gnu")):
                     continue
                 self.static_shared.append((name, size))
-                self.check(self.cdll.ltk_emu_register_static_shared(ctypes.c_longlong(off - marker[0]),
-                                                                    ctypes.c_longlong(size)))
+                self.check(self.cdll.ltk_emu_register_static_shared_named(off - marker[0], size,
+                                                                          _short_symbol(name).encode()))
 
     def __getattr__(self, name):
         return getattr(self.cdll, name)
@@ -212,8 +242,19 @@ class _Lib:
             raise EmulatorError(self.cdll.ltk_emu_last_error().decode(errors="replace"))
 
     def call(self, fn: str, *args) -> None:
-        """Calls an entry point (returning 0/1); raises EmulatorError with the emulator's message."""
-        self.check(getattr(self.cdll, fn)(*args))
+        """Calls an entry point (returning 0/1); raises EmulatorError with the emulator's message. The plain
+        tensors registered by ptr() for this call are forgotten afterwards (their memory may be reused)."""
+        try:
+            self.check(getattr(self.cdll, fn)(*args))
+        finally:
+            self.cdll.ltk_emu_buffer_clear_transient()
+
+
+def _short_symbol(name: str) -> str:
+    """``toy::block_sum<float, 256>(float)::partial`` -> ``block_sum<float, 256>::partial`` for messages."""
+    name = re.sub(r"\((?:[^()]|\([^()]*\))*\)", "", name)  # argument lists
+    parts = name.split("::")
+    return "::".join(parts[-2:]) if len(parts) >= 2 else name
 
 
 _lib: _Lib | None = None
@@ -227,20 +268,31 @@ def lib() -> _Lib:
 
 
 # ---- helpers for tests --------------------------------------------------------------------------------
-def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+def ptr(t: torch.Tensor | None, *, init: bool = True, name: str | None = None) -> ctypes.c_void_p:
+    """The address of a CPU tensor for an entry point. The tensor's bytes are registered with the sanitizer
+    as a global buffer for the next L.call (memcheck knows its bounds; a guarded tensor is known already).
+    init=False: its content counts as unwritten (initcheck: like torch.empty on a GPU)."""
     if t is None:
         return ctypes.c_void_p(0)
     assert t.device.type == "cpu"
     assert t.is_contiguous(), "the emulated kernels take dense row-major buffers"
+    nbytes = t.numel() * t.element_size()
+    if nbytes:
+        lib().cdll.ltk_emu_buffer_register(t.data_ptr(), nbytes, int(init), (name or "").encode(), 0, 1)
     return ctypes.c_void_p(t.data_ptr())
 
 
 def set_options(seed: int | None = None, schedule: str | None = None, timeout_s: float | None = None,
                 sm_count: int | None = None, poison: bool | None = None, shuffle_blocks: bool | None = None,
-                stack_kb: int | None = None, clamp_grid: int | None = None) -> None:
-    """clamp_grid: run at most this many blocks along x and y (grid-stride kernels only; 0 = off)."""
+                stack_kb: int | None = None, clamp_grid: int | None = None, sanitize: bool | None = None,
+                model: bool | None = None) -> None:
+    """clamp_grid: run at most this many blocks along x and y (grid-stride kernels only; 0 = off).
+    sanitize: racecheck / memcheck / initcheck of every access (default on); model: record the
+    memory-access model of every launch (emu.model_launches())."""
     if clamp_grid is not None:
         lib().call("ltk_emu_set_clamp_grid", int(clamp_grid))
+    if sanitize is not None or model is not None:
+        lib().cdll.ltk_emu_set_sanitize(-1 if sanitize is None else int(sanitize), -1 if model is None else int(model))
     sched = {None: -1, "random": 0, "forward": 1, "reverse": 2, "uniform": 3, "warps": 4}[schedule]
     lib().call("ltk_emu_set_options", -1 if seed is None else seed, sched,
                -1.0 if timeout_s is None else float(timeout_s), sm_count or 0,
@@ -252,8 +304,10 @@ def get_options() -> dict:
     seed, sched, timeout, sms = ctypes.c_longlong(), ctypes.c_int(), ctypes.c_double(), ctypes.c_int()
     lib().call("ltk_emu_get_options", ctypes.byref(seed), ctypes.byref(sched), ctypes.byref(timeout),
                ctypes.byref(sms))
+    san = lib().cdll.ltk_emu_get_sanitize()
     return {"seed": seed.value, "schedule": ["random", "forward", "reverse", "uniform", "warps"][sched.value],
-            "timeout_s": timeout.value, "sm_count": sms.value, "clamp_grid": lib().ltk_emu_get_clamp_grid()}
+            "timeout_s": timeout.value, "sm_count": sms.value, "clamp_grid": lib().ltk_emu_get_clamp_grid(),
+            "sanitize": bool(san & 1), "model": bool(san & 2)}
 
 
 class options:
@@ -302,13 +356,21 @@ class _GuardedOwner:
 
     def __del__(self):
         if _lib is not None and self.address:
+            _lib.cdll.ltk_emu_buffer_unregister(ctypes.c_void_p(self.address))
             _lib.cdll.ltk_emu_guarded_free(ctypes.c_void_p(self.address))
 
 
-def guarded(t: torch.Tensor) -> torch.Tensor:
+def guarded(t: torch.Tensor, *, init: bool | None = None, name: str | None = None) -> torch.Tensor:
     """A copy of the CPU tensor t in memory whose last byte is followed by an inaccessible page (and whose
-    front slack is 0xFF-filled): a kernel that reads or writes past the end fails with EmulatorError."""
+    front slack is 0xFF-filled): a kernel that reads or writes past the end fails with EmulatorError.
+
+    The buffer is registered with the sanitizer (memcheck, racecheck, the model's region ``name``).
+    init: whether its content counts as written (initcheck). None (default): an all-NaN floating tensor
+    is an output buffer whose content counts as unwritten (the tests pre-fill outputs with NaN), anything
+    else is initialised input data. init=False: unwritten whatever the content (torch.empty on a GPU)."""
     t = t.contiguous()
+    if init is None:
+        init = not (t.is_floating_point() and t.numel() > 0 and bool(torch.isnan(t).all()))
     nbytes = t.numel() * t.element_size()
     addr = lib().ltk_emu_guarded_alloc(max(nbytes, 1), t.element_size())
     if not addr:
@@ -319,4 +381,23 @@ def guarded(t: torch.Tensor) -> torch.Tensor:
     out = torch.frombuffer(buf, dtype=t.dtype, count=t.numel()).view(t.shape) if t.numel() else t.clone()
     if t.numel():
         out.copy_(t)
+    lib().cdll.ltk_emu_buffer_register(addr, max(nbytes, 1), int(init), (name or "").encode(), 1, 0)
+    return out
+
+
+def instrumented() -> bool:
+    """Whether the library's device code reports its memory accesses (the sanitizer and the model work)."""
+    return lib().instrumented
+
+
+def model_launches(clear: bool = True) -> list[dict]:
+    """The memory-access model of every launch since the last call (emu.options(model=True) records it):
+    per launch the kernel, grid, block, per-region totals (sectors read / written, bytes used) and per
+    instruction ("site") the warp-level requests, active lanes, bytes used, 32-byte sectors, access width
+    and shared-memory wavefronts. python_tests/emu/model.py turns them into the report's figures."""
+    import json
+
+    out = json.loads(lib().cdll.ltk_emu_model_json().decode())
+    if clear:
+        lib().cdll.ltk_emu_model_clear()
     return out

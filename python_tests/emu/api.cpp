@@ -68,3 +68,8 @@ LTK_EMU_EXPORT int ltk_emu_register_static_shared(long long offset_from_marker, 
 
 LTK_EMU_EXPORT int ltk_emu_set_clamp_grid(int n) { LTK_EMU_TRY(ltk::emu::options().clamp_grid = unsigned(n < 0 ? 0 : n)) }
 LTK_EMU_EXPORT int ltk_emu_get_clamp_grid() { return int(ltk::emu::options().clamp_grid); }
+
+LTK_EMU_EXPORT int ltk_emu_register_static_shared_named(long long offset_from_marker, long long bytes,
+                                                        const char* name) {
+  LTK_EMU_TRY(ltk::emu::register_static_shared(ptrdiff_t(offset_from_marker), size_t(bytes), name))
+}

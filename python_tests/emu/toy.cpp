@@ -33,6 +33,18 @@ LTK_EMU_EXPORT int LTK_TOY_FN(sum_atomic_f32)(long long n, const float* x, float
 LTK_EMU_EXPORT int LTK_TOY_FN(sum_atomic_f64)(long long n, const double* x, double* out, int blocks) {
   LTK_EMU_TRY(t::launch_sum_atomic<double>(n, x, out, blocks, nullptr))
 }
+LTK_EMU_EXPORT int LTK_TOY_FN(shared_histogram)(long long n, const int* x, int* hist, int blocks) {
+  LTK_EMU_TRY(t::launch_shared_histogram(n, x, hist, blocks, nullptr))
+}
+LTK_EMU_EXPORT int LTK_TOY_FN(row_sum_warp_f32)(long long rows, long long cols, const float* x, float* out) {
+  LTK_EMU_TRY(t::launch_row_sum_warp<float>(rows, cols, x, out, nullptr))
+}
+LTK_EMU_EXPORT int LTK_TOY_FN(row_sum_warp_i32)(long long rows, long long cols, const int* x, int* out) {
+  LTK_EMU_TRY(t::launch_row_sum_warp<int>(rows, cols, x, out, nullptr))
+}
+LTK_EMU_EXPORT int LTK_TOY_FN(warp_broadcast)(const float* x, float* out, int blocks, int threads) {
+  LTK_EMU_TRY(LTK_LAUNCH(t::warp_broadcast_kernel, dim3(blocks), dim3(threads), 0, nullptr, x, out))
+}
 LTK_EMU_EXPORT int LTK_TOY_FN(tile_reverse_f32)(long long n, const float* x, float* y, int bx, int by) {
   LTK_EMU_TRY(t::launch_tile_reverse<float>(n, x, y, bx, by, nullptr))
 }
@@ -41,6 +53,14 @@ LTK_EMU_EXPORT int LTK_TOY_FN(tile_reverse_f32)(long long n, const float* x, flo
 LTK_EMU_EXPORT int ltk_emu_toy_vote(const int* pred, unsigned* ballot, int* any_all, int* count, int blocks,
                                     int threads) {
   LTK_EMU_TRY(LTK_LAUNCH(t::vote_kernel, dim3(blocks), dim3(threads), 0, nullptr, pred, ballot, any_all, count))
+}
+
+LTK_EMU_EXPORT int ltk_emu_toy_transpose(int n, const float* x, float* y, int pad) {
+  LTK_EMU_TRY({
+    const dim3 grid(unsigned(n / 32), unsigned(n / 32)), block(32, 8);
+    if (pad) LTK_LAUNCH(t::transpose_kernel<1>, grid, block, 0, nullptr, n, x, y);
+    else LTK_LAUNCH(t::transpose_kernel<0>, grid, block, 0, nullptr, n, x, y);
+  })
 }
 
 LTK_EMU_EXPORT int ltk_emu_toy_shfl(int* out, int threads, int arg) {

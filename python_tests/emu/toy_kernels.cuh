@@ -5,6 +5,15 @@
 //   LTK_TOY_MUTANT_SHIFT     shifts the grid-stride start index by one
 //   LTK_TOY_MUTANT_NO_REUSE_SYNC drops the __syncthreads that protects the shared slots from the next
 //                            reduction (a warp that runs ahead overwrites a slot another warp still reads)
+// and, for the sanitizer and the memory-access model (toy_mutant_san.cpp; each result stays right, so only
+// the new detectors can tell):
+//   LTK_TOY_MUTANT_RACE      the shared histogram counts with a plain read-modify-write instead of
+//                            atomicAdd (a race between two barriers), and sum_atomic_kernel adds its
+//                            block's sum to the output without atomicAdd (a race between blocks)
+//   LTK_TOY_MUTANT_ACCUMULATE row_sum accumulates into its output (out[row] += ...) instead of storing:
+//                            right only when the host zeroed the output (an uninitialised read)
+//   LTK_TOY_MUTANT_STRIDED   row_sum_warp reads each lane's contiguous chunk of the row (lanes a chunk
+//                            apart: uncoalesced) instead of interleaved columns (coalesced)
 #pragma once
 
 #include <cassert>
@@ -65,7 +74,11 @@ __global__ void __launch_bounds__(kThreads) row_sum_kernel(const T* __restrict__
   T acc = T(0);
   for (int j = threadIdx.x; j < C; j += kThreads) acc += __ldg(xr + j);
   acc = block_sum<T, kThreads>(acc);
+#ifdef LTK_TOY_MUTANT_ACCUMULATE
+  if (threadIdx.x == 0) out[row] += acc;
+#else
   if (threadIdx.x == 0) out[row] = acc;
+#endif
 }
 
 // out[2 row] = sum_j x[row, j], out[2 row + 1] = sum_j x[row, j]^2: two block reductions in a row that
@@ -102,7 +115,49 @@ __global__ void __launch_bounds__(kThreads) sum_atomic_kernel(int64_t n, const T
   T acc = T(0);
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) acc += x[i];
   acc = block_sum<T, kThreads>(acc);
+#ifdef LTK_TOY_MUTANT_RACE
+  if (threadIdx.x == 0) *out += acc;
+#else
   if (threadIdx.x == 0) atomicAdd(out, acc);
+#endif
+}
+
+// hist[b] = #{i : x[i] == b} for b < kBins: a per-block histogram in shared memory (zeroed, counted with
+// shared atomics between two barriers, then added to the output with global atomics).
+template <int kBins>
+__global__ void shared_histogram_kernel(int64_t n, const int* __restrict__ x, int* hist) {
+  __shared__ int local[kBins];
+  for (int b = threadIdx.x; b < kBins; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int b = x[i];
+#ifdef LTK_TOY_MUTANT_RACE
+    local[b] = local[b] + 1;
+#else
+    atomicAdd(&local[b], 1);
+#endif
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < kBins; b += blockDim.x) atomicAdd(&hist[b], local[b]);
+}
+
+// out[row] = sum_j x[row, j], one warp per row (8 rows per block): lanes read interleaved columns, so
+// every warp-level load covers 32 consecutive elements.
+template <typename T>
+__global__ void row_sum_warp_kernel(int64_t rows, int64_t cols, const T* __restrict__ x, T* __restrict__ out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const T* xr = x + row * cols;
+  T acc = T(0);
+#ifdef LTK_TOY_MUTANT_STRIDED
+  const int64_t chunk = (cols + 31) / 32;
+  for (int64_t j = lane * chunk; j < (lane + 1) * chunk && j < cols; ++j) acc += xr[j];
+#else
+  for (int64_t j = lane; j < cols; j += 32) acc += xr[j];
+#endif
+  acc = warp_sum(acc);
+  if (lane == 0) out[row] = acc;
 }
 
 // Reverses each tile of blockDim.x elements through dynamic shared memory (2D block: x fastest).
@@ -148,6 +203,30 @@ __global__ void shfl_kernel(int* __restrict__ out, int arg) {
     out[(k++) * n + t] = __shfl_down_sync(0xffffffffu, v, unsigned(arg), w);
     out[(k++) * n + t] = __shfl_xor_sync(0xffffffffu, v, arg, w);
   }
+}
+
+// out[t] = x[32 * warp]: lane 0 of each warp publishes its value in shared memory, the warp synchronises
+// (__syncwarp orders the lanes that take part), the other lanes read it. The race mutant drops __syncwarp.
+__global__ void warp_broadcast_kernel(const float* __restrict__ x, float* __restrict__ out) {
+  __shared__ float slot[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) slot[warp] = x[blockIdx.x * blockDim.x + threadIdx.x];
+#ifndef LTK_TOY_MUTANT_RACE
+  __syncwarp();
+#endif
+  out[blockIdx.x * blockDim.x + threadIdx.x] = slot[warp];
+}
+
+// y = x^T for an n x n matrix (n a multiple of 32) through a 32 x (32 + kPad) shared tile, block (32, 8).
+// The read-back walks a tile column: without padding its 32 words sit in one bank (a 32-way conflict),
+// one word of padding per row spreads them over all banks (the memory-access model measures both).
+template <int kPad>
+__global__ void transpose_kernel(int n, const float* __restrict__ x, float* __restrict__ y) {
+  __shared__ float tile[32][32 + kPad];
+  const int bx = blockIdx.x * 32, by = blockIdx.y * 32;
+  for (int r = threadIdx.y; r < 32; r += 8) tile[r][threadIdx.x] = x[(by + r) * n + bx + threadIdx.x];
+  __syncthreads();
+  for (int r = threadIdx.y; r < 32; r += 8) y[(bx + r) * n + by + threadIdx.x] = tile[threadIdx.x][r];
 }
 
 // ---- deliberately broken kernels: each must end in an emulator error, never a hang or crash ----
@@ -256,6 +335,17 @@ void launch_axpy(int64_t n, T a, const T* x, T* y, int max_blocks, cudaStream_t 
 template <typename T>
 void launch_sum_atomic(int64_t n, const T* x, T* out, int blocks, cudaStream_t stream) {
   LTK_LAUNCH((sum_atomic_kernel<T, 64>), dim3(blocks), dim3(64), 0, stream, n, x, out);
+}
+
+inline void launch_shared_histogram(int64_t n, const int* x, int* hist, int blocks, cudaStream_t stream) {
+  if (n == 0) return;
+  LTK_LAUNCH(shared_histogram_kernel<16>, dim3(blocks), dim3(128), 0, stream, n, x, hist);
+}
+
+template <typename T>
+void launch_row_sum_warp(int64_t rows, int64_t cols, const T* x, T* out, cudaStream_t stream) {
+  if (rows == 0) return;
+  LTK_LAUNCH(row_sum_warp_kernel<T>, dim3(unsigned((rows + 7) / 8)), dim3(256), 0, stream, rows, cols, x, out);
 }
 
 template <typename T>
