@@ -241,6 +241,10 @@ class _Lib:
         if rc != 0:
             raise EmulatorError(self.cdll.ltk_emu_last_error().decode(errors="replace"))
 
+    def ctl(self, fn: str, *args) -> None:
+        """Calls an emulator-control entry point (options, launch log): keeps the registered buffers."""
+        self.check(getattr(self.cdll, fn)(*args))
+
     def call(self, fn: str, *args) -> None:
         """Calls an entry point (returning 0/1); raises EmulatorError with the emulator's message. The plain
         tensors registered by ptr() for this call are forgotten afterwards (their memory may be reused)."""
@@ -253,8 +257,21 @@ class _Lib:
 def _short_symbol(name: str) -> str:
     """``toy::block_sum<float, 256>(float)::partial`` -> ``block_sum<float, 256>::partial`` for messages."""
     name = re.sub(r"\((?:[^()]|\([^()]*\))*\)", "", name)  # argument lists
-    parts = name.split("::")
-    return "::".join(parts[-2:]) if len(parts) >= 2 else name
+    parts, depth, cur = [], 0, ""
+    i = 0
+    while i < len(name):  # split at the "::" outside template brackets
+        if name[i] == "<":
+            depth += 1
+        elif name[i] == ">":
+            depth -= 1
+        elif name.startswith("::", i) and depth == 0:
+            parts.append(cur)
+            cur, i = "", i + 2
+            continue
+        cur += name[i]
+        i += 1
+    parts.append(cur)
+    return "::".join(parts[-2:])
 
 
 _lib: _Lib | None = None
@@ -290,11 +307,11 @@ def set_options(seed: int | None = None, schedule: str | None = None, timeout_s:
     sanitize: racecheck / memcheck / initcheck of every access (default on); model: record the
     memory-access model of every launch (emu.model_launches())."""
     if clamp_grid is not None:
-        lib().call("ltk_emu_set_clamp_grid", int(clamp_grid))
+        lib().ctl("ltk_emu_set_clamp_grid", int(clamp_grid))
     if sanitize is not None or model is not None:
         lib().cdll.ltk_emu_set_sanitize(-1 if sanitize is None else int(sanitize), -1 if model is None else int(model))
     sched = {None: -1, "random": 0, "forward": 1, "reverse": 2, "uniform": 3, "warps": 4}[schedule]
-    lib().call("ltk_emu_set_options", -1 if seed is None else seed, sched,
+    lib().ctl("ltk_emu_set_options", -1 if seed is None else seed, sched,
                -1.0 if timeout_s is None else float(timeout_s), sm_count or 0,
                -1 if poison is None else int(poison), -1 if shuffle_blocks is None else int(shuffle_blocks),
                stack_kb or 0)
@@ -302,7 +319,7 @@ def set_options(seed: int | None = None, schedule: str | None = None, timeout_s:
 
 def get_options() -> dict:
     seed, sched, timeout, sms = ctypes.c_longlong(), ctypes.c_int(), ctypes.c_double(), ctypes.c_int()
-    lib().call("ltk_emu_get_options", ctypes.byref(seed), ctypes.byref(sched), ctypes.byref(timeout),
+    lib().ctl("ltk_emu_get_options", ctypes.byref(seed), ctypes.byref(sched), ctypes.byref(timeout),
                ctypes.byref(sms))
     san = lib().cdll.ltk_emu_get_sanitize()
     return {"seed": seed.value, "schedule": ["random", "forward", "reverse", "uniform", "warps"][sched.value],
@@ -339,7 +356,7 @@ def launches() -> list[dict]:
         g, b = (ctypes.c_uint * 3)(), (ctypes.c_uint * 3)()
         smem, sw, failed = ctypes.c_longlong(), ctypes.c_longlong(), ctypes.c_int()
         name = ctypes.create_string_buffer(512)
-        L.call("ltk_emu_launch_info", ctypes.c_longlong(i), g, b, ctypes.byref(smem), ctypes.byref(sw),
+        L.ctl("ltk_emu_launch_info", ctypes.c_longlong(i), g, b, ctypes.byref(smem), ctypes.byref(sw),
                ctypes.byref(failed), name, 512)
         out.append({"kernel": name.value.decode(), "grid": tuple(g), "block": tuple(b), "smem": smem.value,
                     "switches": sw.value, "failed": bool(failed.value)})
