@@ -98,7 +98,7 @@ setup(
                                       "ltk-compare = ltkernels.train.compare:main"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4,<=2.14.1", "numpy", "pyyaml", "tqdm", "matplotlib", "scikit-learn"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "scipy", "expecttest"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "scipy", "expecttest", "hypothesis"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
 )

@@ -31,6 +31,21 @@ _INDEX_DTYPES = frozenset(d for d in (torch.int8, torch.uint8, torch.int16, torc
                                       getattr(torch, "uint64", None)) if d is not None)
 
 
+# torch.nn.functional.cross_entropy reports some of the bad arguments checked here as RuntimeError,
+# NotImplementedError or IndexError, where this package raises ValueError / TypeError. These classes are
+# both, so that code written against either catches them.
+class _ValueRuntimeError(ValueError, RuntimeError):
+    pass
+
+
+class _TypeNotImplementedError(TypeError, NotImplementedError):
+    pass
+
+
+class _ValueIndexError(ValueError, IndexError):
+    pass
+
+
 def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
     """A one-element int64 CPU tensor for the in-kernel Philox noise, drawn from ``generator``
     (default: torch's global CPU generator, so ``torch.manual_seed`` reproduces a run). Under
@@ -50,7 +65,7 @@ def _class_vector(v, name: str, n: int, ref: Tensor) -> Optional[Tensor]:
     if not isinstance(v, Tensor):
         v = torch.as_tensor(v, dtype=torch.float64)
     if v.dim() != 1 or v.shape[0] != n:
-        raise ValueError(f"{name} must be a 1-D tensor of length {n}, got shape {tuple(v.shape)}")
+        raise _ValueRuntimeError(f"{name} must be a 1-D tensor of length {n}, got shape {tuple(v.shape)}")
     if v.device != ref.device:
         raise ValueError(f"{name} is on {v.device} but the input is on {ref.device}")
     if not v.is_floating_point():
@@ -63,13 +78,23 @@ def _checked_target(input: Tensor, target: Tensor, reduction: str, label_smoothi
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError("input and target must be tensors")
     if input.dim() != 2:
-        raise ValueError(f"input must be 2-D (N, C), got shape {tuple(input.shape)}")
+        hint = ""
+        if input.dim() == 1:
+            hint = "; unbatched input is not supported: pass input.unsqueeze(0) and target.unsqueeze(0)"
+        elif input.dim() > 2:
+            hint = ("; K-dimensional input (N, C, d1, ...) is not supported: pass "
+                    "input.movedim(1, -1).reshape(-1, C) and target.reshape(-1)")
+        raise ValueError(f"input must be 2-D (N, C), got shape {tuple(input.shape)}{hint}")
     if not input.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+        raise _TypeNotImplementedError(f"input must be a floating-point tensor, got {input.dtype}")
     if target.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+        hint = (": class-probability targets are not supported (torch.nn.functional.cross_entropy takes them)"
+                if target.is_floating_point() else "")
+        raise _TypeNotImplementedError(f"target must hold integer class indices, got dtype {target.dtype}{hint}")
     n, c = input.shape
-    if target.dim() != 1 or target.shape[0] != n:
+    if target.dim() != 1:
+        raise _ValueRuntimeError(f"target must have shape ({n},), got {tuple(target.shape)}")
+    if target.shape[0] != n:
         raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
     # (is_cpu first: comparing devices builds two torch.device objects, ~0.5 us of a 128 x 100 call)
     if not (target.is_cpu and input.is_cpu) and target.device != input.device:
@@ -77,9 +102,9 @@ def _checked_target(input: Tensor, target: Tensor, reduction: str, label_smoothi
     if reduction not in _ops.REDUCTIONS:
         raise ValueError(f"reduction must be one of {sorted(_ops.REDUCTIONS)}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise _ValueRuntimeError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if c == 0 and n > 0:
-        raise ValueError("input has 0 classes (C = 0)")
+        raise _ValueIndexError("input has 0 classes (C = 0)")
     return target if target.dtype == torch.int64 else target.to(torch.int64)
 
 
