@@ -70,6 +70,7 @@ struct Region {
   std::vector<uint8_t> init;  // per byte, when track_init
   std::vector<Cell> cells;    // per byte, allocated on first access
   bool dirty = false;
+  int index = 0;  // position in State::sorted during a launch (the model's trace refers to it)
   uintptr_t end() const { return uintptr_t(lo) + bytes; }
 };
 
@@ -342,14 +343,7 @@ inline void check_access(void* p, uint32_t size, bool write, void* ret) {
       c.r1 = cur;
     }
   }
-  if (S.model_on) {
-    const int ri = int(std::lower_bound(S.sorted.begin(), S.sorted.end(), R) - S.sorted.begin());
-    (void)ri;
-    int idx = 0;
-    for (size_t q = 0; q < S.sorted.size(); ++q)
-      if (S.sorted[q] == R) idx = int(q);
-    S.trace.push_back(Access{cur.pc, a, size, t->syncs, cur.thread, uint8_t(write), uint8_t(atomic), idx});
-  }
+  if (S.model_on) S.trace.push_back(Access{cur.pc, a, size, t->syncs, cur.thread, uint8_t(write), uint8_t(atomic), R->index});
   r.in_rt = 0;
 }
 
@@ -538,6 +532,7 @@ extern "C" void ltk_emu_san_launch_begin() {
   for (auto& R : S.buffers) S.sorted.push_back(R.get());
   for (auto& R : S.shared) S.sorted.push_back(R.get());
   std::sort(S.sorted.begin(), S.sorted.end(), [](const Region* a, const Region* b) { return a->lo < b->lo; });
+  for (size_t i = 0; i < S.sorted.size(); ++i) S.sorted[i]->index = int(i);
   S.model_on = r.opt.model && r.opt.sanitize;
   S.trace.clear();
   if (S.model_on) {

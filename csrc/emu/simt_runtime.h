@@ -810,7 +810,8 @@ inline uintptr_t saved_sp(void* ucv) {
 
 __attribute__((no_sanitize_thread)) inline void on_signal(int sig, siginfo_t* si, void* ucv) {
   Runtime& r = g_rt;
-  r.in_rt = 1;  // the handler's accesses (its frame is on the alternate stack) are not device accesses
+  const int saved_in_rt = r.in_rt;
+  r.in_rt = 1;  // the handler's accesses (its frame may be on the alternate stack) are not device accesses
   Thread* t = r.cur;
   bool ours = false;
   if (r.in_fiber && t) {
@@ -821,12 +822,14 @@ __attribute__((no_sanitize_thread)) inline void on_signal(int sig, siginfo_t* si
   if (!ours) {
     if (sig == timer_signal()) {
       r.timed_out = 1;  // noticed by the scheduler between fibers
+      r.in_rt = saved_in_rt;
       return;
     }
     // not device code: give the fault back to whoever handled it before (the re-executed access
     // faults again under the previous disposition)
     struct sigaction* old = sig == SIGSEGV ? &g_sig.old_segv : (sig == SIGBUS ? &g_sig.old_bus : &g_sig.old_fpe);
     sigaction(sig, old, nullptr);
+    r.in_rt = saved_in_rt;
     return;
   }
   r.fault_kind = sig == timer_signal() ? kFaultTimeout : kFaultSignal;

@@ -9,12 +9,15 @@ fail. Run all of them (about 15 s each on 2 cores):
     python python_tests/emu/mutants.py              # table of killed / survived
     python python_tests/emu/mutants.py NAME ...     # only these
 
-python_tests/test_emulation_mutants.py asserts that every mutant marked "killed" is killed. A mutant whose
-source pattern no longer exists (the kernel changed) is reported as n/a rather than failing.
+python_tests/test_emulation_mutants.py asserts that every mutant marked "killed" is killed, and, for a
+mutant with a ``match`` pattern, that the failure says so (the sanitizer's mutants keep the kernel's result
+right: only racecheck can kill them, and the message proves it did). A mutant whose source pattern no
+longer exists (the kernel changed) is reported as n/a rather than failing.
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -68,6 +71,23 @@ MUTANTS = {
         k="test_cosine_vec_dot", sources="cosine_head.cpp", expect="killed",
         why="the next tile's partial sums overwrite `part` while row 0 still adds up the previous tile "
             "(only visible when the grid-stride loop wraps: the clamped_grid cases)"),
+    # -- only the sanitizer can kill these (the results stay right) --
+    "cosine_col_dot_every_row_writes": dict(
+        file="csrc/cuda/cosine_head_kernels.cuh", include_as="cuda/cosine_head_kernels.cuh",
+        find="    if (threadIdx.y == 0 && col < cols) {", replace="    if (col < cols) {",
+        k="test_cosine_vec_dot", sources="cosine_head.cpp", expect="killed",
+        match=r"data race on guarded global buffer .* write by block \(\d+,0,0\) thread \(\d+,\d,0\) .* at "
+              r"cuda/cosine_head_kernels.cuh:\d+ .*and .*write by block \(\d+,0,0\) thread \(\d+,\d,0\) .*"
+              r"not ordered by a barrier",
+        why="all 8 thread rows of a column tile write the (same) column sum: 8 unordered writers of one output"),
+    "block_reduce_every_lane_writes_partial": dict(
+        file="csrc/include/ltk/block_reduce.cuh", include_as="ltk/block_reduce.cuh",
+        find="  if (lane == 0) scratch[warp] = v;\n", replace="  scratch[warp] = v;\n",
+        k="test_margin_ce_shapes_dtypes", sources="margin_ce.cpp", expect="killed",
+        match=r"data race on shared memory `margin_ce_kernel<[^`]*>::red` .* at ltk/block_reduce.cuh:\d+ .*"
+              r"not ordered by a barrier, a warp collective or an atomic",
+        why="every lane of a warp writes its warp's partial (the same value) after the last shuffle: 32 "
+            "unordered writers of one shared slot"),
     "cosine_row_dot_lane_shifted": dict(
         file="csrc/cuda/cosine_head_kernels.cuh", include_as="cuda/cosine_head_kernels.cuh",
         find="    for (int64_t j = lane; j < cols; j += 32) acc += ar[j] * br[j];",
@@ -108,6 +128,8 @@ def run(name: str, timeout: int = 900) -> dict:
         if line.startswith(("E  ", "FAILED")):
             detail = line.strip()[:300]
             break
+    if status == "killed" and m.get("match") and not re.search(m["match"], out):
+        status = "killed (other reason)"  # e.g. a wrong result where racecheck should have spoken
     return {"name": name, "status": status, "expect": m["expect"], "seconds": round(time.time() - t0, 1),
             "detail": detail, "output": out}
 
