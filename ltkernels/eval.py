@@ -57,6 +57,8 @@ def main(argv=None) -> int:
         return 2
     device = pick_device(cfg)
     model.to(device)
+    if cfg["model"].get("channels_last"):   # as in training (the inputs follow in evaluate)
+        model.to(memory_format=torch.channels_last)
     name = scfg["loss"]["name"]
     scale = float((scfg["loss"].get("params") or {}).get("s", SPECS[name][1].get("s", 1.0))) \
         if SPECS[name][2] == "cosine" and scfg["eval"]["logit_scale"] == "auto" else \

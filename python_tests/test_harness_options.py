@@ -121,6 +121,17 @@ def test_sync_bn_under_ddp_only_on_gpus():
     assert count(off) == 0
 
 
+@pytest.mark.parametrize("method", ["crt", "lws"])
+def test_stage2_head_is_made_on_the_model_device(method):
+    """cRT's new head and LWS's scales follow the model to its device (the meta device stands in for a GPU)."""
+    from ltkernels.train.config import stage_configs
+    from ltkernels.train.engine import prepare_stage, resolve_head
+    cfg = build_config(DIGITS, [f"method={method}"])
+    model = build_model({**cfg["model"], "head": resolve_head(cfg)}, 10).to("meta")
+    prepare_stage(model, stage_configs(cfg)[1], 1, 10)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
 def test_to_device_on_cpu_is_a_plain_move():
     t = torch.arange(5)
     assert to_device(t, torch.device("cpu")) is t

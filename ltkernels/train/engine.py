@@ -174,6 +174,7 @@ def prepare_stage(model, scfg: dict, stage: int, num_classes: int) -> None:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     hi = scfg.get("head_init", "keep")
+    device = next(model.backbone.parameters()).device
     if hi == "reinit":
         feat = model.head.in_features
         model.head = make_head(resolve_head(scfg), feat, num_classes, scfg["model"].get("cosine_impl", "eager"))
@@ -181,6 +182,7 @@ def prepare_stage(model, scfg: dict, stage: int, num_classes: int) -> None:
         if not isinstance(model.head, nn.Linear):
             raise ConfigError("stage2.head_init='lws' needs a linear stage-1 head (model.head='linear')")
         model.head = LWSHead(model.head)
+    model.head.to(device)   # a new head (or the LWS scales) is made on the CPU; the model may be on a GPU
 
 
 def mixup(x, y, alpha: float):
