@@ -362,3 +362,24 @@ def test_concurrent_calls_equal_serial_calls():
     for (k, r, name), got in results.items():
         for a, b in zip(got, serial[name]):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} (thread {k}, round {r}) differs")
+
+
+# ---- rows with one finite logit --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("C", [1, 2, 37, 150])
+def test_rows_with_one_finite_logit_match_f_cross_entropy(dtype, smoothing, C):
+    N = 4
+    x = torch.full((N, C), float("-inf"), dtype=dtype)
+    x[torch.arange(N), torch.arange(N) % C] = torch.tensor([3.0, -2.0, 1e4, 0.0], dtype=dtype)
+    t = torch.tensor([0, 1, 2, 3]) % C  # rows 0..: the finite logit is the target; then a masked target
+    t[1] = (t[1] + 1) % C if C > 1 else t[1]
+    a = x.clone().requires_grad_(True)
+    b = x.clone().double().requires_grad_(True)
+    out = LF.cross_entropy(a, t, reduction="none", label_smoothing=smoothing)
+    ref = F.cross_entropy(b, t, reduction="none", label_smoothing=smoothing)
+    torch.testing.assert_close(out.double(), ref.detach(), equal_nan=True, rtol=1e-3, atol=1e-3)
+    go = torch.ones(N, dtype=dtype)
+    (ga,) = torch.autograd.grad(out, a, go)
+    (gb,) = torch.autograd.grad(ref, b, go.double())
+    torch.testing.assert_close(ga.double(), gb, equal_nan=True, rtol=1e-3, atol=1e-3)

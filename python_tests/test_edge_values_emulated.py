@@ -71,3 +71,19 @@ def test_large_common_offsets(L, device, offset, smoothing):  # noqa: F811
     x64 = x.double()
     ref = torch.nn.functional.cross_entropy(x64 - x64.max(1, keepdim=True).values, t, label_smoothing=smoothing)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("C", [1, 37, 300])
+def test_rows_with_one_finite_logit(L, device, smoothing, C):  # noqa: F811
+    N = 4
+    x = torch.full((N, C), float("-inf"))
+    x[torch.arange(N), torch.arange(N) % C] = torch.tensor([3.0, -2.0, 1e4, 0.0])
+    t = torch.arange(N) % C
+    t[1] = (t[1] + 1) % C if C > 1 else t[1]  # a masked (-inf) target: loss inf
+    kw = _kw(C, label_smoothing=smoothing, reduction=0)
+    loss, _ = _check_vs_op(L, x, t, kw, device=device)
+    ref = torch.nn.functional.cross_entropy(x, t, reduction="none", label_smoothing=smoothing)
+    torch.testing.assert_close(loss, ref, equal_nan=True)
