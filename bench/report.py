@@ -32,7 +32,6 @@ RAW = RESULTS / "raw"
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 
-# Performance targets (docs/design.md "Performance targets", issues 2 and 3): fp32 forward+backward.
 # (case, shape) -> (min speedup vs eager, min speedup vs compiled or None)
 # The acceptance targets of the issues, (min speedup vs eager, vs compiled or None), fp32 forward+backward:
 # core (#2): LDAM and KPS >= 10x eager and compiled at 512x8142, plain CE >= 3x F.cross_entropy there, and

@@ -30,7 +30,7 @@ TORCH_LIBRARY(ltkernels, m) {
   m.def(
       "cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
       "float label_smoothing, bool compute_grad) -> Tensor");
-  // Cosine classifier head (methods.md §1.1; cosine_head_common.cpp, cpu/ and cuda/cosine_head_*):
+  // Cosine classifier head (docs/methods.md §1.1; cosine_head_common.cpp, cpu/ and cuda/cosine_head_*):
   // logits = normalize(features, dim=1) @ normalize(weight, dim=0), weight (D, C), F.normalize eps semantics.
   // Returns (logits, |features_i|, |weight_j|), the norms raw (not clamped). The backward gives (grad_features,
   // grad_weight), each empty when not needed; path 0 picks its temporaries by size, 1 / 2 force one (tests).

@@ -1,4 +1,4 @@
-"""Fused cosine classifier head (methods.md §1.1) and head + loss without the full logit matrix.
+"""Fused cosine classifier head (docs/methods.md §1.1) and head + loss without the full logit matrix.
 
 * :func:`cosine_logits` — ``normalize(features, dim=1) @ normalize(weight, dim=0)`` with
   ``F.normalize`` eps semantics (divide by ``max(‖v‖, eps)``), as one GEMM plus a fused scaling epilogue;

@@ -6,7 +6,7 @@ with target y,
     z_ij = S_i * (r_j * c_ij + b_j + t_i * beta_j - noise_mul * |clamp(eps_ij, -1, 1)| * delta_j
                   - m_y * [j == y])
 
-followed by softmax cross-entropy with the reductions of methods.md §1.2. Every loss module in
+followed by softmax cross-entropy with the reductions of docs/methods.md §1.2. Every loss module in
 ``ltkernels.losses`` only chooses these vectors (see ``ltkernels.priors``).
 """
 from __future__ import annotations

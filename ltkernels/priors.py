@@ -3,7 +3,7 @@
 Every loss in ltkernels is a small set of per-class vectors (column scale, column bias, target
 margin, cloud size, class weight, per-target scale) fed to one fused kernel family; this module
 computes those vectors from ``cls_num_list`` (the training count of each class), following the
-official research code of each method (see ``docs/methods.md`` in the shared docs).
+official research code of each method (``docs/methods.md``).
 
 Conventions
 -----------
@@ -266,7 +266,7 @@ def sampler_class_weights(
 ) -> Tensor:
     """Per-class sampling weight (a sample of class j is drawn with probability proportional to w_j).
 
-    Kinds (methods.md section 1.4; Keke921/GCLLoss ``sampler.py``), unnormalised like the
+    Kinds (docs/methods.md §1.4; Keke921/GCLLoss ``sampler.py``), unnormalised like the
     official samplers (``torch.multinomial`` normalises):
 
     * ``"instance"``: ``1`` (plain instance sampling).

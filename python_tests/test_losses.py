@@ -1,5 +1,5 @@
 """Every fused module of ``ltkernels.losses`` against its eager twin in ``ltkernels.reference`` built with the
-same constructor arguments (the official call sites of methods.md included): float64 values and gradients
+same constructor arguments (the official call sites of docs/methods.md included): float64 values and gradients
 to 1e-10, float32 to 1e-5 relative, injected GCL noise, ArcFace/GCLAng at |c| = 1, FBL gradients into the
 features (zero feature row included), degenerate class counts, torch.compile(fullgraph=True), .to() moves
 and state_dict keys.
@@ -21,7 +21,7 @@ F64 = dict(rtol=1e-10, atol=1e-10)
 
 
 def cifar_counts(C=10, n_max=5000, imb=100):
-    """CIFAR-LT counts (methods.md §7): n_i = int(n_max (1/IF)^(i/(C-1)))."""
+    """CIFAR-LT counts (docs/methods.md §7): n_i = int(n_max (1/IF)^(i/(C-1)))."""
     return [int(n_max * (1.0 / imb) ** (i / (C - 1))) for i in range(C)]
 
 

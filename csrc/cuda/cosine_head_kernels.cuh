@@ -1,4 +1,4 @@
-// CUDA kernels of the cosine classifier head (methods.md §1.1) and their raw-pointer launch functions.
+// CUDA kernels of the cosine classifier head (docs/methods.md §1.1) and their raw-pointer launch functions.
 // Plain CUDA C++ launched only through LTK_LAUNCH, so the SIMT emulator (csrc/emu) runs the same source.
 // The GEMMs are cuBLAS (at::mm in cosine_head_common.cpp); these are the fused pieces around them:
 //

@@ -1,4 +1,4 @@
-// Per-vector math of the cosine classifier head (methods.md §1.1), shared by the CPU kernels
+// Per-vector math of the cosine classifier head (docs/methods.md §1.1), shared by the CPU kernels
 // (cpu/cosine_head_cpu.cpp), the CUDA kernels (cuda/cosine_head_kernels.cuh) and the SIMT emulator.
 //
 // Forward:  c_ij = (x_i · w_j) / (max(|x_i|, eps) max(|w_j|, eps))          (F.normalize semantics)

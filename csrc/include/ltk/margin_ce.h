@@ -1,7 +1,7 @@
 // The fused "transform the logits, then softmax cross-entropy" row op: arguments and the per-row math
 // shared by the CPU kernels, the CUDA kernels and the SIMT emulator.
 //
-// Per row i with target y = y_i (methods.md §1.2, §2-§5):
+// Per row i with target y = y_i (docs/methods.md §1.2, §2-§5):
 //   S_i  = target_scale[y] if given, else scale
 //   x_ij = r_j c_ij + b_j + t_i beta_j - noise_mul |clamp(eps_ij, -1, 1)| delta_j - m_y [j = y]
 //   z_ij = S_i x_ij                                  (linear mode; angular modes: see angular.h)
@@ -84,7 +84,7 @@ LTK_HD RowCoef<acc_t> row_coefficients(acc_t lse, acc_t z_t, acc_t sum_wz, acc_t
     r.d = d;
     return r;
   }
-  // Focal: l~ = w_t nll, p^ = exp(-l~), loss = (1 - p^)^gamma l~ (methods.md §1.2).
+  // Focal: l~ = w_t nll, p^ = exp(-l~), loss = (1 - p^)^gamma l~ (docs/methods.md §1.2).
   const acc_t lw = w_t * nll;
   const acc_t ph = ltk_exp<acc_t>(-lw);
   const acc_t q = acc_t(1) - ph;

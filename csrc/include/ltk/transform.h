@@ -1,4 +1,4 @@
-// Per-element logit transforms (methods.md §2, §3, §5), written once for CPU, CUDA and the emulator.
+// Per-element logit transforms (docs/methods.md §2, §3, §5), written once for CPU, CUDA and the emulator.
 //
 // linear:   z = S (r c + b + t beta - pert - m [target])          dz/dc = S r
 // angular:  M = m [target] + |eta| (GCLAng cloud angle), phi = c cos M - sqrt(1 - c^2) sin M,
@@ -44,7 +44,7 @@ LTK_HD ElemOut<acc_t> angular_logit(acc_t c_in, acc_t M, acc_t m_for_fallback, i
   } else {
     const acc_t pi = acc_t(3.14159265358979323846);
     use_phi = c > ::cos(pi - M);
-    // ArcFace: c - sin(pi - m) m ; GCLAng: c - sin(pi - M)  (methods.md §2, §5)
+    // ArcFace: c - sin(pi - m) m ; GCLAng: c - sin(pi - M)  (docs/methods.md §2, §5)
     alt = (mode == kArcFace) ? c - ::sin(pi - m_for_fallback) * m_for_fallback : c - ::sin(pi - M);
   }
   ElemOut<acc_t> o;
@@ -62,7 +62,7 @@ LTK_HD acc_t scale_noise(float standard_normal) {
 
 // Cloud perturbation of column j from the raw draw eps: linear mode subtracts
 // noise_mul |clamp(eps, -1, 1)| delta_j from the cosine; GCLAng adds (pi/2) epsilon delta_j |clamp(eps)| to
-// the angle (|eta| of methods.md §2, epsilon >= 0).
+// the angle (|eta| of docs/methods.md §2, epsilon >= 0).
 template <typename scalar_t, typename acc_t>
 LTK_HD acc_t cloud_perturbation(const MarginCeArgs<scalar_t, acc_t>& a, int64_t j, acc_t eps) {
   eps = eps > acc_t(1) ? acc_t(1) : (eps < acc_t(-1) ? acc_t(-1) : eps);

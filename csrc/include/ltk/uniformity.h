@@ -1,4 +1,4 @@
-// Per-pair math of the hyperspherical uniformity regulariser (ltkernels.regularisers, methods.md §6),
+// Per-pair math of the hyperspherical uniformity regulariser (ltkernels.regularisers, docs/methods.md §6),
 // shared by the CPU kernel (cpu/uniformity_cpu.cpp), the CUDA kernels (cuda/uniformity_kernels.cuh) and
 // the SIMT emulator. RECONSTRUCTED FROM THE ABSTRACT of Gao et al. (CAAI TIT 2025): the formulas are not
 // verified against the paper.
