@@ -32,25 +32,13 @@ RAW = RESULTS / "raw"
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 
+# Targets the report marks (bench/targets.json says what each one means).
+_TARGETS = json.loads((BENCH / "targets.json").read_text())
 # (case, shape) -> (min speedup vs eager, min speedup vs compiled or None)
-# The acceptance targets of the issues, (min speedup vs eager, vs compiled or None), fp32 forward+backward:
-# core (#2): LDAM and KPS >= 10x eager and compiled at 512x8142, plain CE >= 3x F.cross_entropy there, and
-# no loss slower than eager at 128x100; cloud (#3): GCL >= 10x at 512x8142 and >= 5x at 256x1000.
-TARGETS = {
-    ("LDAM", "512x8142"): (10.0, 10.0),
-    ("KPS", "512x8142"): (10.0, 10.0),
-    ("GCL", "512x8142"): (10.0, 10.0),
-    ("GCL", "256x1000"): (5.0, 5.0),
-    ("CE", "512x8142"): (3.0, None),
-    # regularisers (#7): uniformity forward+backward at C = 8142, D = 2048 at least 3x faster than eager
-    ("uniformity-gaussian", "8142x2048"): (3.0, None),
-    ("uniformity-riesz", "8142x2048"): (3.0, None),
-}
-# cosine head (#4): head forward+backward <= 1.15x its three GEMMs (interleaved, single thread), and head +
-# loss at 1024x512x100000 peaking at <= 1/4 of eager's memory
-HEAD_GEMMS_MAX = 1.15
-HEAD_MEMORY_SHAPE, HEAD_MEMORY_FRACTION = "1024x512x100000", 0.25
-MIN_SPEEDUP_AT = {"128x100": 1.0}  # every case of the loss suite at this shape: no slower than eager
+TARGETS = {(case, shape): tuple(v) for case, shapes in _TARGETS["speedups"].items() for shape, v in shapes.items()}
+MIN_SPEEDUP_AT = _TARGETS["min_speedup_at"]  # every case of the loss suite at this shape: no slower than eager
+HEAD_GEMMS_MAX = _TARGETS["head"]["gemms_max"]
+HEAD_MEMORY_SHAPE, HEAD_MEMORY_FRACTION = _TARGETS["head"]["memory_shape"], _TARGETS["head"]["memory_fraction"]
 
 IMPL_ORDER = ["fused", "eager", "compiled"]
 USE_INTERLEAVED = True  # speedups from the interleaved measurement when a suite records one

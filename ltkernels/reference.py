@@ -307,8 +307,6 @@ class _Loss(nn.Module):
         self.register_buffer(name, value, persistent=False)
 
 
-_PriorLoss = _Loss
-
 
 class CrossEntropyLoss(_Loss):
     """Plain softmax cross-entropy with ``torch.nn.CrossEntropyLoss`` semantics."""
@@ -328,7 +326,7 @@ class CrossEntropyLoss(_Loss):
         )
 
 
-class LDAMLoss(_PriorLoss):
+class LDAMLoss(_Loss):
     """LDAM loss (Cao et al., NeurIPS 2019; kaidic/LDAM-DRW ``losses.py``).
 
     ``z = s * (c - m_{y} Y)`` with ``m_j ∝ n_j^{-1/4}`` scaled to max ``max_m``
@@ -349,7 +347,7 @@ class LDAMLoss(_PriorLoss):
                                     weight=self.weight)
 
 
-class KPSLoss(_PriorLoss):
+class KPSLoss(_Loss):
     """KPS loss with gradient adjustment (Li et al., TPAMI 2023; Keke921/KPSLoss ``losses.py``).
 
     ``z_ij = S_i (r_j c_ij - m_{y_i} Y_ij)`` with radius ``r`` (:func:`~ltkernels.priors.kps_radius`),
@@ -385,7 +383,7 @@ class KPSLoss(_PriorLoss):
                                     margin=self.m_list, weight=self.weight)
 
 
-class LogitAdjustLoss(_PriorLoss):
+class LogitAdjustLoss(_Loss):
     """Logit-adjusted loss (Menon et al., ICLR 2021): ``z_ij = l_ij + tau log(pi_j + 1e-12)``.
 
     The official code adds 1e-12 inside the log (:func:`~ltkernels.priors.log_prior`). Torch
@@ -404,7 +402,7 @@ class LogitAdjustLoss(_PriorLoss):
                                     weight=self.weight)
 
 
-class BalancedSoftmaxLoss(_PriorLoss):
+class BalancedSoftmaxLoss(_Loss):
     """Balanced softmax (Ren et al., NeurIPS 2020): ``z_ij = l_ij + log n_j``, mean CE."""
 
     def __init__(self, cls_num_list: CountsLike):
@@ -448,7 +446,7 @@ class FocalLoss(_Loss):
                                     focal_detach=self.detach)
 
 
-class ClassBalancedLoss(_PriorLoss):
+class ClassBalancedLoss(_Loss):
     """Class-balanced loss (Cui et al., CVPR 2019) with softmax CE or softmax focal.
 
     Weights ``w_j = (1-beta)/(1-beta^{n_j})`` normalised to sum to C
@@ -478,7 +476,7 @@ class ClassBalancedLoss(_PriorLoss):
         return self._mce(input, target, weight=self.weights, reduction="batch_mean")
 
 
-class GCLLoss(_PriorLoss):
+class GCLLoss(_Loss):
     """Gaussian clouded logit loss (Li et al., CVPR 2022; Keke921/GCLLoss ``losses.py``).
 
     ``eps ~ N(0, 1/3)`` per (sample, class), clamped to [-1, 1];
@@ -514,7 +512,7 @@ class GCLLoss(_PriorLoss):
         )
 
 
-class GCLAngLoss(_PriorLoss):
+class GCLAngLoss(_Loss):
     """Angular GCL (TAI 2024; Keke921/GCLLoss ``losses.py`` ``GCLAngLoss``, also
     ``Places-LT/losses.py`` ``NoiAngLoss``).
 
@@ -603,7 +601,7 @@ class ArcFaceLoss(_Loss):
         return self._mce(out, target, scale=self.s)
 
 
-class FeaBalLoss(_PriorLoss):
+class FeaBalLoss(_Loss):
     """Feature-balanced loss (Li et al., ICME 2022; juyongjiang/FBL ``loss.py``).
 
     ``z_ij = l_ij - curr * A * lambda_j / (||f_i|| + 1e-12)`` for every class, then CE (torch
