@@ -307,7 +307,6 @@ class _Loss(nn.Module):
         self.register_buffer(name, value, persistent=False)
 
 
-
 class CrossEntropyLoss(_Loss):
     """Plain softmax cross-entropy with ``torch.nn.CrossEntropyLoss`` semantics."""
 
