@@ -1,14 +1,18 @@
 """The edge values of test_edge_values.py through the CUDA kernel's source, run by the SIMT emulator and
 compared with the CPU op (itself checked against the float64 references there): a target margin beyond the
-exponent range, label smoothing with -inf logits, large common offsets. With a GPU the same cases also run
+exponent range, label smoothing with -inf logits, large common offsets, rows with one finite logit, and
+NaN distances in the uniformity regulariser's pair kernel. With a GPU the same cases also run
 through the real CUDA op."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import ctypes
+
+from emu import guarded, ptr
 from test_emulation_kernels import (ANGULAR, HAS_CUDA, L, _check_vs_op, _default_options,  # noqa: F401
-                                    margin_ce_case, needs_ops)
+                                    _unif_fn, margin_ce_case, needs_ops)
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
@@ -87,3 +91,26 @@ def test_rows_with_one_finite_logit(L, device, smoothing, C):  # noqa: F811
     loss, _ = _check_vs_op(L, x, t, kw, device=device)
     ref = torch.nn.functional.cross_entropy(x, t, reduction="none", label_smoothing=smoothing)
     torch.testing.assert_close(loss, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kernel,param", [(0, 2.0), (1, 1.0), (2, 0.0)], ids=["gaussian", "riesz", "log"])
+def test_uniformity_pair_kernel_keeps_nan_distances(L, dtype, kernel, param):  # noqa: F811
+    # a NaN weight makes its Gram row NaN: the clamp at dist_eps must keep it NaN (it used to give dist_eps)
+    bi, bk = 3, 37
+    g = torch.Generator().manual_seed(7)
+    nI = torch.ones(bi, dtype=dtype)
+    nK = torch.ones(bk, dtype=dtype)
+    gram = torch.rand(bi, bk, generator=g, dtype=dtype) * 2 - 1
+    gram[1, 5] = float("nan")
+    gbuf = guarded(gram)
+    fbuf = guarded(torch.full((bi, bk), 0.0, dtype=dtype))
+    gnI, gnK = guarded(nI), guarded(nK)
+    L.call(_unif_fn("pair_transform", dtype), ctypes.c_longlong(bi), ctypes.c_longlong(bk), ptr(gbuf), ptr(fbuf),
+           ptr(gnI), ptr(gnK), ctypes.c_int(0), ctypes.c_int(kernel), ctypes.c_double(param),
+           ctypes.c_double(1e-12))
+    out = gbuf.reshape(bi, bk)
+    assert torch.isnan(out[1, 5]), out[1, 5]
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+    if kernel != 0:
+        assert torch.isnan(fbuf.reshape(bi, bk)[1, 5])
