@@ -154,10 +154,14 @@ def test_cross_entropy_matches_f_cross_entropy(data, shape, dtype, reduction, we
 
 
 # ---- the fused margin cross-entropy --------------------------------------------------------------------
+# per-class vectors drawn uniformly in these ranges (target_scale in units of the scale)
+VECTOR_RANGES = {"col_scale": (0.5, 1.5), "col_bias": (-2, 2), "margin": (0, 0.8), "target_scale": (0.5, 2),
+                 "weight": (0.2, 3)}
+
 @BUDGET
 @given(data=st.data(), shape=shapes(max_c=8142), dtype=st.sampled_from(DTYPES),
        scale=st.sampled_from([1.0, 16.0, 64.0, 1e3, 1e4]),
-       features=st.sets(st.sampled_from(["col_scale", "col_bias", "margin", "target_scale", "weight"])),
+       features=st.sets(st.sampled_from(["col_scale", "col_bias", "margin", "target_scale", "weight"])),  # VECTOR_RANGES
        reduction=st.sampled_from(["none", "sum", "mean", "batch_mean"]), ignore=st.booleans(),
        extra=st.sampled_from(["none", "smoothing", "focal", "focal_full"]))
 @example(data=None, shape=(1, 1), dtype=torch.float32, scale=1e4, features={"margin"}, reduction="mean",
@@ -174,17 +178,9 @@ def test_margin_cross_entropy_matches_reference(data, shape, dtype, scale, featu
         go, _ = data.draw(grad_outputs((n,) if reduction == "none" else (), dtype))
     g = torch.Generator().manual_seed(n * 7919 + c)
     vec = lambda lo, hi: torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo  # noqa: E731
-    kw = dict(scale=scale, reduction=reduction)
-    if "col_scale" in features:
-        kw["col_scale"] = vec(0.5, 1.5)
-    if "col_bias" in features:
-        kw["col_bias"] = vec(-2, 2)
-    if "margin" in features:
-        kw["margin"] = vec(0, 0.8)
-    if "target_scale" in features:
-        kw["target_scale"] = vec(0.5, 2) * scale
-    if "weight" in features:
-        kw["weight"] = vec(0.2, 3)
+    kw = dict(scale=scale, reduction=reduction, **{f: vec(*VECTOR_RANGES[f]) for f in sorted(features)})
+    if "target_scale" in kw:
+        kw["target_scale"] = kw["target_scale"] * scale
     if extra == "smoothing":
         kw["label_smoothing"] = 0.2
     elif extra.startswith("focal"):
