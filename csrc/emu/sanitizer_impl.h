@@ -589,6 +589,7 @@ extern "C" void ltk_emu_san_symbolize(std::string* msg) {
 extern "C" __attribute__((visibility("default"))) int ltk_emu_buffer_register(void* p, long long bytes, int initialised,
                                                                             const char* name, int guarded, int transient) {
   using namespace ltk::emu::san;
+  std::lock_guard<std::mutex> lock(g_rt.mu);  // not during a launch (ctypes releases the GIL)
   State& S = state();
   if (!p || bytes <= 0) return 0;
   const uintptr_t a = uintptr_t(p);
@@ -622,12 +623,14 @@ extern "C" __attribute__((visibility("default"))) int ltk_emu_buffer_register(vo
 
 extern "C" __attribute__((visibility("default"))) void ltk_emu_buffer_unregister(void* p) {
   using namespace ltk::emu::san;
+  std::lock_guard<std::mutex> lock(g_rt.mu);
   auto& v = state().buffers;
   v.erase(std::remove_if(v.begin(), v.end(), [&](const std::unique_ptr<Region>& R) { return R->lo == p; }), v.end());
 }
 
 extern "C" __attribute__((visibility("default"))) void ltk_emu_buffer_clear_transient() {
   using namespace ltk::emu::san;
+  std::lock_guard<std::mutex> lock(g_rt.mu);
   auto& v = state().buffers;
   v.erase(std::remove_if(v.begin(), v.end(), [](const std::unique_ptr<Region>& R) { return R->transient; }), v.end());
 }
