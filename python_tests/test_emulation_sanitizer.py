@@ -227,3 +227,21 @@ def test_sanitizer_off_and_on_give_the_same_results(L):
             L.call("ltk_emu_toy_row_sum_f64", ptr(x), ptr(out), 5, 777, 256)
             outs.append(out)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_sanitizer_sees_every_cuda_kernel(L):
+    """Guards against a detector that silently sees nothing (device code in a translation unit built
+    without the instrumentation, the sanitizer switched off by the environment): one small launch of every
+    kernel in csrc/cuda (test_emulation_kernels' coverage run) checks global and shared accesses."""
+    import test_emulation_kernels as K
+
+    emu.clear_launches()
+    K.test_registered_kernels_really_launch(L)
+    launches = emu.launches()
+    for k in K.KERNEL_COVERAGE:
+        recs = [r for r in launches if re.search(rf"::{k}\b", r["kernel"])]
+        assert recs and all(r["checked"] > 0 for r in recs), (k, recs)
+    with emu.options(sanitize=False):
+        emu.clear_launches()
+        K.test_registered_kernels_really_launch(L)
+        assert all(r["checked"] == 0 for r in emu.launches())

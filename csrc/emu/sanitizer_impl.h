@@ -313,6 +313,7 @@ inline void check_access(void* p, uint32_t size, bool write, void* ret) {
                  " registered), in no shared memory and not on the thread's stack (memcheck)");
   }
   const size_t off = a - uintptr_t(R->lo);
+  ++r.checked;
   if (R->track_init && !write) {
     for (uint32_t k = 0; k < size; ++k)
       if (!R->init[off + k]) {

@@ -101,6 +101,7 @@ struct LaunchRecord {
   dim3 grid, block;
   size_t dynamic_smem = 0;
   uint64_t context_switches = 0;
+  uint64_t checked_accesses = 0;  // global and shared accesses the sanitizer checked (0: not instrumented / off)
   bool failed = false;
 };
 
@@ -311,7 +312,7 @@ struct Runtime {
   uint32_t launch_id = 0;      // incremented per launch: accesses of earlier launches are ordered (stream order)
   uint32_t block_lin = 0;      // linear index of the running block
   uint32_t epoch = 0;          // barriers the running block has passed
-  void* san = nullptr;         // sanitizer::State (owned by the sanitizer translation unit)
+  uint64_t checked = 0;        // accesses checked in this launch
 };
 
 inline Runtime g_rt;
@@ -1148,6 +1149,7 @@ inline void run_launch(const void* fn, dim3 grid, dim3 block, size_t smem, void 
   r.failed = false;
   r.err.clear();
   r.switches = 0;
+  r.checked = 0;
   r.timed_out = 0;
   r.fault_kind = kFaultNone;
   // block order
@@ -1173,6 +1175,7 @@ inline void run_launch(const void* fn, dim3 grid, dim3 block, size_t smem, void 
   r.in_launch = false;
   ltk_emu_san_launch_end();
   rec.context_switches = r.switches;
+  rec.checked_accesses = r.checked;
   rec.failed = r.failed;
   r.log.push_back(rec);
   if (r.log.size() > 10000) r.log.erase(r.log.begin(), r.log.begin() + 5000);

@@ -213,6 +213,7 @@ class _Lib:
         self.cdll.ltk_emu_set_options.argtypes = [ctypes.c_longlong, ctypes.c_int, ctypes.c_double, ctypes.c_int,
                                                   ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self.cdll.ltk_emu_launch_count.restype = ctypes.c_longlong
+        self.cdll.ltk_emu_launch_checked.restype = ctypes.c_longlong
         self.cdll.ltk_emu_buffer_register.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int,
                                                       ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
         self.cdll.ltk_emu_buffer_unregister.argtypes = [ctypes.c_void_p]
@@ -348,7 +349,8 @@ class options:
 
 
 def launches() -> list[dict]:
-    """The launch log: kernel name, grid, block, dynamic shared memory, context switches, failed."""
+    """The launch log: kernel name, grid, block, dynamic shared memory, context switches, failed, and the
+    number of global / shared accesses the sanitizer checked ("checked")."""
     L = lib()
     n = L.ltk_emu_launch_count()
     out = []
@@ -359,7 +361,8 @@ def launches() -> list[dict]:
         L.ctl("ltk_emu_launch_info", ctypes.c_longlong(i), g, b, ctypes.byref(smem), ctypes.byref(sw),
                ctypes.byref(failed), name, 512)
         out.append({"kernel": name.value.decode(), "grid": tuple(g), "block": tuple(b), "smem": smem.value,
-                    "switches": sw.value, "failed": bool(failed.value)})
+                    "switches": sw.value, "failed": bool(failed.value),
+                    "checked": L.cdll.ltk_emu_launch_checked(ctypes.c_longlong(i))})
     return out
 
 

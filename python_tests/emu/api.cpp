@@ -73,3 +73,12 @@ LTK_EMU_EXPORT int ltk_emu_register_static_shared_named(long long offset_from_ma
                                                         const char* name) {
   LTK_EMU_TRY(ltk::emu::register_static_shared(ptrdiff_t(offset_from_marker), size_t(bytes), name))
 }
+
+// Global and shared accesses the sanitizer checked in launch i (negative: from the end).
+LTK_EMU_EXPORT long long ltk_emu_launch_checked(long long i) {
+  auto& log = ltk::emu::launch_log();
+  long long n = (long long)log.size();
+  if (i < 0) i += n;
+  if (i < 0 || i >= n) return -1;
+  return (long long)log[size_t(i)].checked_accesses;
+}
