@@ -31,7 +31,8 @@ def test_bare_loop_differs_when_it_should():
 
 def test_measure_and_readme_block(tmp_path):
     r = bh.measure("digits", "cpu", rounds=2, steps=2, warmup=1)
-    assert r["harness_img_s"] > 0 and r["bare_img_s"] > 0 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    assert r["harness_img_s"] > 0 and r["bare_img_s"] > 0 and r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+    assert r["ratio"] == pytest.approx(r["harness_img_s"] / r["bare_img_s"])
     md = tmp_path / "R.md"
     md.write_text(f"a\n{bh.START}\nold\n{bh.END}\nb\n")
     bh.write_readme(str(md), "python bench/bench_harness.py --cases digits", bh.table([r]))

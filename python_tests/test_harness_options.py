@@ -1,6 +1,7 @@
 """GPU-oriented options of the harness, each through its config key, on the CPU: channels_last,
 torch.compile of the backbone, persistent / prefetching DataLoader workers, SyncBatchNorm under DDP and
 pinned, asynchronous copies. On the CPU they must train as the plain run does."""
+import gc
 import os
 
 import pytest
@@ -94,6 +95,13 @@ def test_persistent_prefetching_workers(tmp_path, monkeypatch):
     assert sum(l is loader for l, _ in iterators) == 1
     # the evaluation loaders are cached too (val each epoch, test at the end): built once per split
     assert len(made) == 3
+    # shut the worker pools down now (held here they would linger to interpreter exit)
+    for lo, _ in made:
+        lo._iterator = None
+    del loader, train_loaders
+    made.clear()
+    iterators.clear()
+    gc.collect()
 
 
 def test_worker_options_without_workers():

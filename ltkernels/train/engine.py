@@ -8,6 +8,7 @@ SyncBatchNorm under DDP (:func:`apply_model_options`), persistent prefetching wo
 (:func:`loader_options`)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -291,6 +292,13 @@ class StepRunner:
         self.keep_last = False   # keep (logits, features, target) of the step in .last (the reference check)
         self.last = None
 
+    def autocast(self):
+        """The forward's autocast context; none at all without AMP (building a disabled one costs more than a
+        small model's layer)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
     def noise(self, shape, global_step: int, call: int) -> torch.Tensor:
         gen = noise_generator(self.scfg["seed"], global_step, call, self.rank) if self.injected else None
         return to_device(torch.randn(shape, generator=gen) / 3.0, self.device)
@@ -304,7 +312,7 @@ class StepRunner:
         y = torch.as_tensor(y).to(self.device, non_blocking=True)
         if self.alpha > 0:
             x, ya, yb, lam = mixup(x, y, self.alpha)
-        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with self.autocast():
             logits, feats = self.model(x, return_features=True)
         logits, feats = logits.float(), feats.float()
         driver = self.driver
