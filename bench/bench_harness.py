@@ -214,6 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     defaults = {"digits": (40, 50), "cifar": (8, 3)}
     rows = []
     threads = torch.get_num_threads()
+    load0 = os.getloadavg()[0]
     for case in [c.strip() for c in a.cases.split(",") if c.strip()]:
         if case not in CASES:
             raise SystemExit(f"--cases: unknown case {case!r}; allowed: {sorted(CASES)}")
@@ -227,7 +228,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{r['ratio']:.3f} (per round: median {r['ratio_median']:.3f}, {r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
               flush=True)
         rows.append(r)
-    text = table(rows)
+    text = table(rows) + (f"\n\nLoad average (1 min) of the machine: {load0:.1f} at the start, "
+                          f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} CPUs).")
     print(text)
     if a.readme:
         args = [x for x in (sys.argv[1:] if argv is None else argv)]
