@@ -245,3 +245,28 @@ def test_sanitizer_sees_every_cuda_kernel(L):
         emu.clear_launches()
         K.test_registered_kernels_really_launch(L)
         assert all(r["checked"] == 0 for r in emu.launches())
+
+
+
+def test_overlapping_views_are_one_buffer(L):
+    """Overlapping views of one tensor registered for one call become one region (their union), so that
+    a byte has one shadow cell whichever view reached it."""
+    base = torch.randn(1000)
+    n0 = L.ltk_emu_buffer_count()
+    ptr(base[0:600])
+    ptr(base[400:1000])
+    ptr(base[100:200])
+    assert L.ltk_emu_buffer_count() == n0 + 1
+    L.ltk_emu_buffer_clear_transient()
+    assert L.ltk_emu_buffer_count() == n0
+
+
+def test_racecheck_aliasing_arguments(L):
+    """axpy with y overlapping x (x = base[0:600], y = base[400:1000]): thread i writes base[400 + i],
+    which thread i + 400 reads as x[i + 400] with nothing ordering them (the kernel's __restrict__ promise
+    is broken). On a GPU the result depends on timing; racecheck reports it."""
+    base = torch.randn(1000)
+    with pytest.raises(EmulatorError, match=r"data race on global buffer \(4000 bytes\) at byte offset \d+ .* "
+                                            r"at emu/toy_kernels.cuh:\d+ .*not ordered"):
+        L.call("ltk_emu_toy_axpy_f32", ctypes.c_longlong(600), ctypes.c_float(0.5), ptr(base[0:600]),
+               ptr(base[400:1000]), 3)

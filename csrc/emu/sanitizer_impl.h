@@ -603,21 +603,37 @@ extern "C" __attribute__((visibility("default"))) int ltk_emu_buffer_register(vo
       }
       return 0;
     }
-  // an overlapping but larger registration replaces the smaller ones (e.g. a whole tensor after a slice)
-  S.buffers.erase(std::remove_if(S.buffers.begin(), S.buffers.end(),
-                                 [&](const std::unique_ptr<Region>& R) {
-                                   return uintptr_t(R->lo) >= a && R->end() <= a + uint64_t(bytes) && R->transient;
-                                 }),
-                  S.buffers.end());
+  // Overlapping transient registrations (views of one tensor passed as several arguments) become one
+  // region, their union: regions must not overlap for the lookup. Its bytes count as initialised if any
+  // part was (host data); an output view registered with init=False next to input views is rare.
+  uintptr_t lo = a, hi = a + uint64_t(bytes);
+  bool any_init = initialised != 0;
+  std::string nm = name ? name : "";
+  for (bool merged = transient != 0; merged;) {
+    merged = false;
+    for (auto it = S.buffers.begin(); it != S.buffers.end(); ++it) {
+      Region& R = **it;
+      if (R.transient && uintptr_t(R.lo) < hi && R.end() > lo) {
+        lo = std::min(lo, uintptr_t(R.lo));
+        hi = std::max(hi, R.end());
+        any_init = any_init || !R.track_init;
+        if (nm.empty()) nm = R.name;
+        S.buffers.erase(it);
+        merged = true;
+        break;
+      }
+    }
+  }
+  if (lo != a || hi != a + uint64_t(bytes)) initialised = any_init;
   auto R = std::make_unique<Region>();
-  R->lo = static_cast<char*>(p);
-  R->bytes = size_t(bytes);
+  R->lo = reinterpret_cast<char*>(lo);
+  R->bytes = size_t(hi - lo);
   R->space = kGlobal;
   R->guarded = guarded != 0;
   R->transient = transient != 0;
   R->track_init = !initialised;
   if (R->track_init) R->init.assign(R->bytes, 0);
-  R->name = name ? name : "";
+  R->name = nm;
   S.buffers.push_back(std::move(R));
   return 0;
 }
