@@ -320,7 +320,9 @@ inline void check_access(void* p, uint32_t size, bool write, void* ret) {
         if (R->space == kGlobal)
           detail::fail("uninitialised read: " + std::to_string(size) + "-byte " + (atomic ? "atomic " : "") +
                        "read of " + region_desc(*R, a + k) + ", which neither the host nor a kernel has written, at " +
-                       site_marker(S, cur.pc) + " (initcheck)");
+                       site_marker(S, cur.pc) +
+                       " (initcheck; the buffer was registered as unwritten: init=False, or a guarded tensor that was "
+                       "all NaN; pass init=True for an input that is NaN on purpose)");
         detail::fail("uninitialised read: " + std::to_string(size) + "-byte read of " + region_desc(*R, a + k) +
                      ", which no thread of this block has written, at " + site_marker(S, cur.pc) + " (initcheck)");
       }
