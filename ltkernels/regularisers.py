@@ -1,4 +1,4 @@
-"""Regularisers of the two remaining seed methods (methods.md §6), RECONSTRUCTED FROM THE ABSTRACTS.
+"""Regularisers of the two remaining seed methods (docs/methods.md §6), RECONSTRUCTED FROM THE ABSTRACTS.
 
 Neither paper's exact formulas could be verified; everything here is a configurable composite built from
 what the abstracts state, and is labelled "reconstructed from the abstract" wherever it is exposed.

@@ -1,4 +1,4 @@
-"""Samplers (methods.md §1.4): empirical class frequencies follow the weights; DDP shards are disjoint."""
+"""Samplers (docs/methods.md §1.4): empirical class frequencies follow the weights; DDP shards are disjoint."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""CIFAR-10/100-LT from the standard CIFAR "python version" pickle files (methods.md §7)."""
+"""CIFAR-10/100-LT from the standard CIFAR "python version" pickle files (docs/methods.md §7)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Long-tailed subsampling shared by every dataset (methods.md §7)."""
+"""Long-tailed subsampling shared by every dataset (docs/methods.md §7)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Samplers of methods.md §1.4, each one global per-epoch draw sharded across DDP ranks.
+"""Samplers of docs/methods.md §1.4, each one global per-epoch draw sharded across DDP ranks.
 
 Every sampler draws the epoch's whole index sequence from a generator seeded by (seed, epoch), the same
 on every rank; rank r takes positions r, r+W, r+2W, ... so shards are disjoint slices of one draw and

@@ -10,7 +10,7 @@ HEADS = ("linear", "cosine")
 
 class NormedLinear(nn.Module):
     """Eager cosine head with the official layout: weight (in, out), uniform(-1, 1) then unit columns;
-    ``forward(x) = normalize(x, dim=1) @ normalize(W, dim=0)`` (methods.md §1.1)."""
+    ``forward(x) = normalize(x, dim=1) @ normalize(W, dim=0)`` (docs/methods.md §1.1)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
