@@ -86,6 +86,7 @@ def test_config_builds(path, method, fake_data):
         lrs = [lr_at(s["optim"], e) for e in range(E)]
         assert all(0 <= v <= s["optim"]["lr"] + 1e-12 for v in lrs)
         drv = LossDriver(s["loss"], counts, E, impl="reference")
+        drv.bind_head(model.head)  # the regularised losses' uniformity term acts on the head's weight
         for e in sorted({0, E // 2, E - 1}):
             drv.set_epoch(e)
         C = ds["num_classes"]
