@@ -15,16 +15,11 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kNumArgs = 23;
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_below_autograd(LTK_MARGIN_CE_PARAMS) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("ltkernels::margin_ce", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(LTK_MARGIN_CE_PARAMS)>();
+MarginCeResult call_below_autograd(LTK_MARGIN_CE_PARAMS) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ltkernels::margin_ce", "").typed<MarginCeSignature>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(input, target, col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef, cloud,
-                 noise, seed, scale, noise_mul, angular_eps, offset, angular, reduction, focal, gamma, ignore_index,
-                 label_smoothing, compute_grad);
+  return op.call(LTK_MARGIN_CE_NAMES);
 }
 
 // A plain CPU scalar equal to 1 (loss.backward()): reading it is free and the saved gradient is the
@@ -50,19 +45,8 @@ bool is_plain_cpu_one(const at::Tensor& g) {
 
 class MarginCeFunction : public torch::autograd::Function<MarginCeFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-                               const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& col_bias,
-                               const std::optional<at::Tensor>& margin, const std::optional<at::Tensor>& target_scale,
-                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& row_shift,
-                               const std::optional<at::Tensor>& shift_coef, const std::optional<at::Tensor>& cloud,
-                               const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
-                               double scale, double noise_mul, double angular_eps, int64_t offset, int64_t angular,
-                               int64_t reduction, int64_t focal, double gamma, int64_t ignore_index,
-                               double label_smoothing, bool compute_grad) {
-    auto [loss, grad, gshift] =
-        call_below_autograd(input, target, col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef, cloud,
-                            noise, seed, scale, noise_mul, angular_eps, offset, angular, reduction, focal, gamma,
-                            ignore_index, label_smoothing, compute_grad);
+  static variable_list forward(AutogradContext* ctx, LTK_MARGIN_CE_PARAMS) {
+    auto [loss, grad, gshift] = call_below_autograd(LTK_MARGIN_CE_NAMES);
     ctx->mark_non_differentiable({grad, gshift});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({grad, gshift});
@@ -72,12 +56,13 @@ class MarginCeFunction : public torch::autograd::Function<MarginCeFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list out(kNumArgs);
+    variable_list out(kMarginCeNumArgs);
     const at::Tensor& go = grad_outputs[0];
     if (!go.defined()) return out;
     // The saved gradient is a constant here: under create_graph (grad mode on in here) its derivative with
     // respect to the input would silently be missing from any second derivative, so refuse instead.
-    TORCH_CHECK(!at::GradMode::is_enabled() || !(ctx->needs_input_grad(0) || ctx->needs_input_grad(7)),
+    TORCH_CHECK(!at::GradMode::is_enabled() ||
+                    !(ctx->needs_input_grad(kMarginCeArg_input) || ctx->needs_input_grad(kMarginCeArg_row_shift)),
                 "margin_ce: second derivatives (backward with create_graph=True through the fused loss) are not "
                 "implemented; the eager losses of ltkernels.reference support them");
     auto saved = ctx->get_saved_variables();
@@ -87,19 +72,17 @@ class MarginCeFunction : public torch::autograd::Function<MarginCeFunction> {
                 "when an input requires grad)");
     const bool none = ctx->saved_data["none"].toBool();
     if (!none && is_plain_cpu_one(go)) {
-      out[0] = grad;
+      out[kMarginCeArg_input] = grad;
     } else {
-      out[0] = grad * (none ? go.unsqueeze(1) : go).to(grad.scalar_type());
+      out[kMarginCeArg_input] = grad * (none ? go.unsqueeze(1) : go).to(grad.scalar_type());
     }
-    if (ctx->saved_data["shift"].toBool()) out[7] = gshift * go.to(gshift.scalar_type());
+    if (ctx->saved_data["shift"].toBool()) out[kMarginCeArg_row_shift] = gshift * go.to(gshift.scalar_type());
     return out;
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_autograd(LTK_MARGIN_CE_PARAMS) {
-  auto r = MarginCeFunction::apply(input, target, col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef,
-                                   cloud, noise, seed, scale, noise_mul, angular_eps, offset, angular, reduction,
-                                   focal, gamma, ignore_index, label_smoothing, compute_grad);
+MarginCeResult margin_ce_autograd(LTK_MARGIN_CE_PARAMS) {
+  auto r = MarginCeFunction::apply(LTK_MARGIN_CE_NAMES);
   return {r[0], r[1], r[2]};
 }
 

@@ -49,14 +49,9 @@ MarginCePrepared prepare_margin_ce(const MarginCeInputs& in) {
   p.input = x.contiguous();
   p.target = in.target.contiguous();
   const auto acc = p.acc_type;
-  p.col_scale = class_vector(in.col_scale, "col_scale", x, p.C, "C", acc);
-  p.col_bias = class_vector(in.col_bias, "col_bias", x, p.C, "C", acc);
-  p.margin = class_vector(in.margin, "margin", x, p.C, "C", acc);
-  p.target_scale = class_vector(in.target_scale, "target_scale", x, p.C, "C", acc);
-  p.weight = class_vector(in.weight, "weight", x, p.C, "C", acc);
-  p.shift_coef = class_vector(in.shift_coef, "shift_coef", x, p.C, "C", acc);
-  p.cloud = class_vector(in.cloud, "cloud", x, p.C, "C", acc);
-  p.row_shift = class_vector(in.row_shift, "row_shift", x, p.N, "N", acc);
+#define LTK_MCE_CHECK_VECTOR(kind, name, len) p.name = class_vector(in.name, #name, x, p.len, #len, acc);
+  LTK_MARGIN_CE_VECTOR_ARGS(LTK_MCE_CHECK_VECTOR, LTK_MCE_NOSEP)
+#undef LTK_MCE_CHECK_VECTOR
   TORCH_CHECK_VALUE(p.row_shift.defined() == p.shift_coef.defined(),
                     "margin_ce: row_shift and shift_coef must be given together");
   if (in.noise.has_value() && in.noise->defined()) {

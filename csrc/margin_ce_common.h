@@ -13,25 +13,17 @@
 #include <vector>
 
 #include "ltk/margin_ce.h"
+#include "margin_ce_op.h"
 
 namespace ltk {
-
-struct MarginCeInputs {
-  at::Tensor input, target;
-  std::optional<at::Tensor> col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef, cloud,
-      noise, seed;
-  double scale, noise_mul, angular_eps;
-  int64_t offset, angular, reduction, focal;
-  double gamma;
-  int64_t ignore_index;
-  double label_smoothing;
-  bool compute_grad;
-};
 
 // Checked, contiguous, accumulation-typed copies of everything the kernels read.
 struct MarginCePrepared {
   at::Tensor input, target;
-  at::Tensor col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef, cloud, noise;
+#define LTK_MCE_PREPARED_VECTOR(kind, name, len) at::Tensor name;  // undefined when absent
+  LTK_MARGIN_CE_VECTOR_ARGS(LTK_MCE_PREPARED_VECTOR, LTK_MCE_NOSEP)
+#undef LTK_MCE_PREPARED_VECTOR
+  at::Tensor noise;
   at::Tensor inv_denom;  // (1,) acc dtype on a device; undefined on the CPU, which uses inv_denom_host
   double inv_denom_host = 1;
   float inv_denom_host_f = 1;
@@ -53,14 +45,9 @@ MarginCeArgs<scalar_t, acc_t> make_args(const MarginCeInputs& in, const MarginCe
   auto ptr = [](const at::Tensor& t) -> const acc_t* { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
   a.input = p.input.data_ptr<scalar_t>();
   a.target = p.target.data_ptr<int64_t>();
-  a.col_scale = ptr(p.col_scale);
-  a.col_bias = ptr(p.col_bias);
-  a.margin = ptr(p.margin);
-  a.target_scale = ptr(p.target_scale);
-  a.weight = ptr(p.weight);
-  a.row_shift = ptr(p.row_shift);
-  a.shift_coef = ptr(p.shift_coef);
-  a.cloud = ptr(p.cloud);
+#define LTK_MCE_ARGS_VECTOR(kind, name, len) a.name = ptr(p.name);
+  LTK_MARGIN_CE_VECTOR_ARGS(LTK_MCE_ARGS_VECTOR, LTK_MCE_NOSEP)
+#undef LTK_MCE_ARGS_VECTOR
   a.noise = ptr(p.noise);
   a.scale = static_cast<acc_t>(in.scale);
   a.noise_mul = static_cast<acc_t>(in.noise_mul);

@@ -1,4 +1,6 @@
-// Declarations of the margin_ce entry points registered in ops.cpp (CPU) and cuda/margin_ce_cuda.cu.
+// The margin_ce op's C++ side, generated from its one argument declaration (ltk/margin_ce_args.h): the
+// schema, the parameter list of the entry points (ops.cpp's CPU one, cuda/margin_ce_cuda.cu, autograd),
+// MarginCeInputs (the arguments held by name) and the argument indices.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -6,24 +8,72 @@
 #include <optional>
 #include <tuple>
 
+#include "ltk/margin_ce_args.h"
+
 namespace ltk {
 
-#define LTK_MARGIN_CE_PARAMS                                                                                  \
-  const at::Tensor &input, const at::Tensor &target, const std::optional<at::Tensor>&col_scale,              \
-      const std::optional<at::Tensor>&col_bias, const std::optional<at::Tensor>&margin,                      \
-      const std::optional<at::Tensor>&target_scale, const std::optional<at::Tensor>&weight,                  \
-      const std::optional<at::Tensor>&row_shift, const std::optional<at::Tensor>&shift_coef,                 \
-      const std::optional<at::Tensor>&cloud, const std::optional<at::Tensor>&noise,                          \
-      const std::optional<at::Tensor>&seed, double scale, double noise_mul, double angular_eps, int64_t offset, int64_t angular, int64_t reduction, \
-      int64_t focal, double gamma, int64_t ignore_index, double label_smoothing, bool compute_grad
+// Per kind: the C++ parameter type, the stored type, the stored default, the schema type and default.
+#define LTK_MCE_PARAM_TYPE_TENSOR const at::Tensor&
+#define LTK_MCE_PARAM_TYPE_VEC const std::optional<at::Tensor>&
+#define LTK_MCE_PARAM_TYPE_OPT const std::optional<at::Tensor>&
+#define LTK_MCE_PARAM_TYPE_FLOAT double
+#define LTK_MCE_PARAM_TYPE_INT int64_t
+#define LTK_MCE_PARAM_TYPE_BOOL bool
+#define LTK_MCE_STORED_TYPE_TENSOR at::Tensor
+#define LTK_MCE_STORED_TYPE_VEC std::optional<at::Tensor>
+#define LTK_MCE_STORED_TYPE_OPT std::optional<at::Tensor>
+#define LTK_MCE_STORED_TYPE_FLOAT double
+#define LTK_MCE_STORED_TYPE_INT int64_t
+#define LTK_MCE_STORED_TYPE_BOOL bool
+#define LTK_MCE_STORED_INIT_TENSOR(d)
+#define LTK_MCE_STORED_INIT_VEC(d)
+#define LTK_MCE_STORED_INIT_OPT(d)
+#define LTK_MCE_STORED_INIT_FLOAT(d) = d
+#define LTK_MCE_STORED_INIT_INT(d) = d
+#define LTK_MCE_STORED_INIT_BOOL(d) = d
+#define LTK_MCE_SCHEMA_TYPE_TENSOR "Tensor "
+#define LTK_MCE_SCHEMA_TYPE_VEC "Tensor? "
+#define LTK_MCE_SCHEMA_TYPE_OPT "Tensor? "
+#define LTK_MCE_SCHEMA_TYPE_FLOAT "float "
+#define LTK_MCE_SCHEMA_TYPE_INT "int "
+#define LTK_MCE_SCHEMA_TYPE_BOOL "bool "
+#define LTK_MCE_SCHEMA_DEFAULT_TENSOR(d)
+#define LTK_MCE_SCHEMA_DEFAULT_VEC(d) "=None"
+#define LTK_MCE_SCHEMA_DEFAULT_OPT(d) "=None"
+#define LTK_MCE_SCHEMA_DEFAULT_FLOAT(d) "=" #d
+#define LTK_MCE_SCHEMA_DEFAULT_INT(d) "=" #d
+#define LTK_MCE_SCHEMA_DEFAULT_BOOL(d) "=" LTK_MCE_SCHEMA_BOOL_##d
+#define LTK_MCE_SCHEMA_BOOL_false "False"
+#define LTK_MCE_SCHEMA_BOOL_true "True"
 
-#define LTK_MARGIN_CE_INPUTS                                                                             \
-  MarginCeInputs {                                                                                       \
-    input, target, col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef, cloud, noise, \
-        seed, scale, noise_mul, angular_eps, offset, angular, reduction, focal, gamma, ignore_index,       \
-        label_smoothing, compute_grad                                                                    \
-  }
+#define LTK_MCE_PARAM(kind, name, extra) LTK_MCE_PARAM_TYPE_##kind name
+#define LTK_MCE_MEMBER(kind, name, extra) LTK_MCE_STORED_TYPE_##kind name LTK_MCE_STORED_INIT_##kind(extra);
+#define LTK_MCE_SCHEMA_ARG(kind, name, extra) LTK_MCE_SCHEMA_TYPE_##kind #name LTK_MCE_SCHEMA_DEFAULT_##kind(extra)
+#define LTK_MCE_SCHEMA_SEP() ", "
+#define LTK_MCE_FIELD_OF_IN(kind, name, extra) in.name
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu(LTK_MARGIN_CE_PARAMS);
+// "margin_ce(Tensor input, Tensor target, Tensor? col_scale=None, ...) -> (Tensor, Tensor, Tensor)"
+#define LTK_MARGIN_CE_SCHEMA \
+  "margin_ce(" LTK_MARGIN_CE_ARGS(LTK_MCE_SCHEMA_ARG, LTK_MCE_SCHEMA_SEP) ") -> (Tensor, Tensor, Tensor)"
+
+// The parameter list of every margin_ce entry point: const at::Tensor& input, ..., bool compute_grad.
+#define LTK_MARGIN_CE_PARAMS LTK_MARGIN_CE_ARGS(LTK_MCE_PARAM, LTK_MCE_COMMA)
+
+// The arguments of a call held by name (defaults as in the schema).
+struct MarginCeInputs {
+  LTK_MARGIN_CE_ARGS(LTK_MCE_MEMBER, LTK_MCE_NOSEP)
+};
+
+// A MarginCeInputs from the parameters of an entry point.
+#define LTK_MARGIN_CE_INPUTS (MarginCeInputs{LTK_MARGIN_CE_NAMES})
+// The fields of a MarginCeInputs `in` as the arguments of a call.
+#define LTK_MARGIN_CE_FIELDS_OF_IN LTK_MARGIN_CE_ARGS(LTK_MCE_FIELD_OF_IN, LTK_MCE_COMMA)
+
+LTK_MARGIN_CE_ARG_INDEX_ENUM
+
+using MarginCeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using MarginCeSignature = MarginCeResult(LTK_MARGIN_CE_PARAMS);
+
+MarginCeResult margin_ce_cpu(LTK_MARGIN_CE_PARAMS);
 
 }  // namespace ltk

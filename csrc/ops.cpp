@@ -5,12 +5,73 @@
 #include <torch/library.h>
 
 #include "cpu/kernels_table.h"
+#include "ltk/margin_ce.h"
 #include "margin_ce_op.h"
 
-// Importing ltkernels._C as a Python module runs the static registrations below.
+namespace {
+
+// dict[key] = value (a new reference, stolen); false on a Python error.
+bool set_item(PyObject* dict, const char* key, PyObject* value) {
+  if (value == nullptr) return false;
+  const int rc = PyDict_SetItemString(dict, key, value);
+  Py_DECREF(value);
+  return rc == 0;
+}
+
+// {"reduction": {"none": 0, ...}, "focal": {...}, "angular": {...}}: the codes of ltk/margin_ce.h.
+PyObject* margin_ce_codes() {
+  PyObject* codes = PyDict_New();
+  if (codes == nullptr) return nullptr;
+  bool ok = true;
+  PyObject* table = nullptr;
+#define LTK_CODE_ITEM(enumerator, name, value) ok = ok && set_item(table, #name, PyLong_FromLong(ltk::enumerator));
+#define LTK_CODE_TABLE(key, list)                      \
+  table = PyDict_New();                                \
+  if (table != nullptr) list(LTK_CODE_ITEM);           \
+  ok = ok && set_item(codes, key, table);
+  LTK_CODE_TABLE("reduction", LTK_REDUCTION_CODES)
+  LTK_CODE_TABLE("focal", LTK_FOCAL_CODES)
+  LTK_CODE_TABLE("angular", LTK_ANGULAR_CODES)
+#undef LTK_CODE_TABLE
+#undef LTK_CODE_ITEM
+  if (!ok) Py_CLEAR(codes);
+  return codes;
+}
+
+// {"col_scale": "C", ..., "row_shift": "N", ...}: margin_ce's vector arguments and their lengths, in order.
+PyObject* margin_ce_vectors() {
+  PyObject* vectors = PyDict_New();
+  if (vectors == nullptr) return nullptr;
+  bool ok = true;
+#define LTK_VECTOR_ITEM(kind, name, len) ok = ok && set_item(vectors, #name, PyUnicode_FromString(#len));
+  LTK_MARGIN_CE_VECTOR_ARGS(LTK_VECTOR_ITEM, LTK_MCE_NOSEP)
+#undef LTK_VECTOR_ITEM
+  if (!ok) Py_CLEAR(vectors);
+  return vectors;
+}
+
+}  // namespace
+
+// Importing ltkernels._C as a Python module runs the static registrations below. The module's attributes
+// margin_ce_codes and margin_ce_vectors give Python the tables it would otherwise spell again.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  PyObject* codes = margin_ce_codes();
+  PyObject* vectors = codes ? margin_ce_vectors() : nullptr;
+  if (vectors == nullptr || PyModule_AddObject(m, "margin_ce_codes", codes) != 0) {
+    Py_XDECREF(codes);
+    Py_XDECREF(vectors);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  if (PyModule_AddObject(m, "margin_ce_vectors", vectors) != 0) {
+    Py_DECREF(vectors);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 TORCH_LIBRARY(ltkernels, m) {
@@ -19,12 +80,8 @@ TORCH_LIBRARY(ltkernels, m) {
   // compute_grad), grad_row_shift = d loss / d row_shift (empty unless row_shift and compute_grad).
   // seed: a one-element int64 CPU tensor keying the in-kernel Philox noise (drawn from a torch generator
   // by the caller, so the op stays traceable); offset selects an independent stream for the same seed.
-  m.def(
-      "margin_ce(Tensor input, Tensor target, Tensor? col_scale, Tensor? col_bias, Tensor? margin, "
-      "Tensor? target_scale, Tensor? weight, Tensor? row_shift, Tensor? shift_coef, Tensor? cloud, "
-      "Tensor? noise, Tensor? seed, float scale, float noise_mul, float angular_eps, int offset, int angular, "
-      "int reduction, int focal, float gamma, int ignore_index, float label_smoothing, bool compute_grad) "
-      "-> (Tensor, Tensor, Tensor)");
+  // The arguments are declared once, in ltk/margin_ce_args.h.
+  m.def(LTK_MARGIN_CE_SCHEMA);
   // Plain softmax cross-entropy (class weights, ignore_index, label smoothing): margin_ce with only these
   // arguments (cross_entropy_op.cpp), for a cheaper call from Python at small shapes. Returns the loss.
   m.def(

@@ -13,10 +13,29 @@ from . import _C  # noqa: F401  (loads the shared library, which registers torch
 
 ops = torch.ops.ltkernels
 
-# Codes shared with csrc/include/ltk/margin_ce.h
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "batch_mean": 3}
-FOCAL_OFF, FOCAL_DETACHED, FOCAL_FULL = 0, 1, 2
-ANGULAR = {"linear": 0, "arcface": 1, "arcface_easy": 2, "gclang": 3, "gclang_easy": 4}
+# The mode codes of csrc/include/ltk/margin_ce.h, as the extension exports them.
+REDUCTIONS = dict(_C.margin_ce_codes["reduction"])
+FOCAL = dict(_C.margin_ce_codes["focal"])
+ANGULAR = dict(_C.margin_ce_codes["angular"])
+FOCAL_OFF, FOCAL_DETACHED, FOCAL_FULL = FOCAL["off"], FOCAL["detached"], FOCAL["full"]
+
+# margin_ce's arguments (declared once, in csrc/include/ltk/margin_ce_args.h): the names in schema order, the
+# defaults of those that have one, and the vector arguments with their length ("C" per class, "N" per row).
+MARGIN_CE_SCHEMA = ops.margin_ce.default._schema
+MARGIN_CE_ARGS = tuple(a.name for a in MARGIN_CE_SCHEMA.arguments)
+MARGIN_CE_DEFAULTS = {a.name: a.default_value for a in MARGIN_CE_SCHEMA.arguments if a.has_default_value()}
+MARGIN_CE_VECTORS = dict(_C.margin_ce_vectors)
+
+
+def margin_ce_arguments(args=(), kwargs=None) -> dict:
+    """The arguments of a margin_ce call by name: positional ``args`` in schema order, then ``kwargs``,
+    then the schema's defaults."""
+    a = dict(zip(MARGIN_CE_ARGS, args))
+    a.update(kwargs or {})
+    missing = [n for n in MARGIN_CE_ARGS if n not in a and n not in MARGIN_CE_DEFAULTS]
+    if missing or len(args) > len(MARGIN_CE_ARGS) or set(a) - set(MARGIN_CE_ARGS):
+        raise TypeError(f"margin_ce{MARGIN_CE_SCHEMA}: bad arguments {list(a)}")
+    return {n: a[n] if n in a else MARGIN_CE_DEFAULTS[n] for n in MARGIN_CE_ARGS}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -24,15 +43,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("ltkernels::margin_ce")
-def _margin_ce_fake(input, target, col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef,
-                    cloud, noise, seed, scale, noise_mul, angular_eps, offset, angular, reduction, focal, gamma,
-                    ignore_index, label_smoothing, compute_grad):
+def _margin_ce_fake(*args, **kwargs):
+    a = margin_ce_arguments(args, kwargs)
+    input = a["input"]
     torch._check(input.dim() == 2, lambda: f"margin_ce: input must be 2-D (N, C), got {tuple(input.shape)}")
     n, c = input.shape
-    loss = input.new_empty((n,)) if reduction == REDUCTIONS["none"] else input.new_empty(())
+    loss = input.new_empty((n,)) if a["reduction"] == REDUCTIONS["none"] else input.new_empty(())
     acc = _acc_dtype(input.dtype)
-    grad = input.new_empty((n, c)) if compute_grad else input.new_empty((0,))
-    gshift = input.new_empty((n,), dtype=acc) if (compute_grad and row_shift is not None) else \
+    grad = input.new_empty((n, c)) if a["compute_grad"] else input.new_empty((0,))
+    gshift = input.new_empty((n,), dtype=acc) if (a["compute_grad"] and a["row_shift"] is not None) else \
         input.new_empty((0,), dtype=acc)
     return loss, grad, gshift
 

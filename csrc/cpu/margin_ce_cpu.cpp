@@ -50,7 +50,7 @@ inline void run(const KernelTable& k, const MarginCeArgs<c10::BFloat16, float>& 
 
 }  // namespace cpu
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cpu(LTK_MARGIN_CE_PARAMS) {
+MarginCeResult margin_ce_cpu(LTK_MARGIN_CE_PARAMS) {
   const cpu::KernelTable& k = cpu::kernels();
   return run_margin_ce(LTK_MARGIN_CE_INPUTS, [&](const auto& a) { cpu::run(k, a); });
 }

@@ -11,7 +11,7 @@
 
 namespace ltk {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(LTK_MARGIN_CE_PARAMS) {
+MarginCeResult margin_ce_cuda(LTK_MARGIN_CE_PARAMS) {
   const c10::cuda::CUDAGuard guard(input.device());
   TORCH_CHECK_VALUE(input.dim() != 2 || input.size(0) <= 0x7fffffff, "margin_ce: N = ", input.size(0),
                     " rows exceed the CUDA grid limit");

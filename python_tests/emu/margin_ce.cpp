@@ -7,16 +7,28 @@
 
 #include "common.h"
 #include "cuda/margin_ce_kernels.cuh"
+#include "ltk/margin_ce_args.h"
 
 namespace {
 
-struct FlatMarginCe {  // mirrored by MarginCeFlat (ctypes) in the tests
-  const void *input, *target, *col_scale, *col_bias, *margin, *target_scale, *weight, *row_shift, *shift_coef,
-      *cloud, *noise, *inv_denom;
-  void *row_loss, *grad, *grad_row_shift;
-  double scale, noise_mul, angular_eps, gamma, smoothing, weight_sum;
-  uint64_t seed, offset;
-  int64_t angular, focal, ignore_index, N, C;
+// The fields of FlatMarginCe, as F(ctype, name) with a macro F of the user's: the vectors of
+// ltk/margin_ce_args.h among them. Python builds its ctypes mirror from ltk_emu_margin_ce_layout().
+#define LTK_EMU_VECTOR_FIELD(kind, name, len) F(ptr, name)
+#define LTK_EMU_FLAT_FIELDS                                                                         \
+  F(ptr, input) F(ptr, target) LTK_MARGIN_CE_VECTOR_ARGS(LTK_EMU_VECTOR_FIELD, LTK_MCE_NOSEP)        \
+  F(ptr, noise) F(ptr, inv_denom) F(ptr, row_loss) F(ptr, grad) F(ptr, grad_row_shift)              \
+  F(f64, scale) F(f64, noise_mul) F(f64, angular_eps) F(f64, gamma) F(f64, smoothing) F(f64, weight_sum) \
+  F(u64, seed) F(u64, offset) F(i64, angular) F(i64, focal) F(i64, ignore_index) F(i64, N) F(i64, C)
+
+using ptr = const void*;
+using f64 = double;
+using u64 = uint64_t;
+using i64 = int64_t;
+
+struct FlatMarginCe {
+#define F(ctype, name) ctype name;
+  LTK_EMU_FLAT_FIELDS
+#undef F
 };
 
 template <typename scalar_t, typename acc_t>
@@ -25,14 +37,9 @@ void run(const FlatMarginCe& f) {
   auto v = [](const void* p) { return static_cast<const acc_t*>(p); };
   a.input = static_cast<const scalar_t*>(f.input);
   a.target = static_cast<const int64_t*>(f.target);
-  a.col_scale = v(f.col_scale);
-  a.col_bias = v(f.col_bias);
-  a.margin = v(f.margin);
-  a.target_scale = v(f.target_scale);
-  a.weight = v(f.weight);
-  a.row_shift = v(f.row_shift);
-  a.shift_coef = v(f.shift_coef);
-  a.cloud = v(f.cloud);
+#define LTK_EMU_SET_VECTOR(kind, name, len) a.name = v(f.name);
+  LTK_MARGIN_CE_VECTOR_ARGS(LTK_EMU_SET_VECTOR, LTK_MCE_NOSEP)
+#undef LTK_EMU_SET_VECTOR
   a.noise = v(f.noise);
   a.scale = static_cast<acc_t>(f.scale);
   a.noise_mul = static_cast<acc_t>(f.noise_mul);
@@ -48,9 +55,9 @@ void run(const FlatMarginCe& f) {
   a.inv_denom = v(f.inv_denom);
   a.N = f.N;
   a.C = f.C;
-  a.row_loss = static_cast<acc_t*>(f.row_loss);
-  a.grad = static_cast<scalar_t*>(f.grad);
-  a.grad_row_shift = static_cast<acc_t*>(f.grad_row_shift);
+  a.row_loss = static_cast<acc_t*>(const_cast<void*>(f.row_loss));
+  a.grad = static_cast<scalar_t*>(const_cast<void*>(f.grad));
+  a.grad_row_shift = static_cast<acc_t*>(const_cast<void*>(f.grad_row_shift));
   ltk::cuda::launch_margin_ce<scalar_t, acc_t>(a, nullptr);
 }
 
@@ -70,3 +77,10 @@ LTK_EMU_EXPORT int ltk_emu_margin_ce(int dtype, const FlatMarginCe* f) {
 }
 
 LTK_EMU_EXPORT int ltk_emu_margin_ce_threads(long long C) { return ltk::cuda::margin_ce_threads(C); }
+
+// "input:ptr,target:ptr,...": FlatMarginCe's fields in order, for the ctypes mirror.
+LTK_EMU_EXPORT const char* ltk_emu_margin_ce_layout() {
+#define F(ctype, name) #name ":" #ctype ","
+  return LTK_EMU_FLAT_FIELDS;
+#undef F
+}

@@ -12,13 +12,23 @@
 #include <cstdint>
 
 #include "ltk/hd.h"
+#include "ltk/margin_ce_args.h"
 #include "ltk/math.h"
 
 namespace ltk {
 
-enum Reduction : int { kReduceNone = 0, kReduceSum = 1, kReduceMean = 2, kReduceBatchMean = 3 };
-enum Focal : int { kFocalOff = 0, kFocalDetached = 1, kFocalFull = 2 };
-enum Angular : int { kLinear = 0, kArcFace = 1, kArcFaceEasy = 2, kGclAng = 3, kGclAngEasy = 4 };
+// The integer codes of the op's mode arguments, X(enumerator, Python name, value): the enums below and
+// the tables of ltkernels._C.margin_ce_codes (ltkernels._ops.REDUCTIONS, FOCAL, ANGULAR) come from these.
+#define LTK_REDUCTION_CODES(X) X(kReduceNone, none, 0) X(kReduceSum, sum, 1) X(kReduceMean, mean, 2) \
+  X(kReduceBatchMean, batch_mean, 3)
+#define LTK_FOCAL_CODES(X) X(kFocalOff, off, 0) X(kFocalDetached, detached, 1) X(kFocalFull, full, 2)
+#define LTK_ANGULAR_CODES(X) X(kLinear, linear, 0) X(kArcFace, arcface, 1) X(kArcFaceEasy, arcface_easy, 2) \
+  X(kGclAng, gclang, 3) X(kGclAngEasy, gclang_easy, 4)
+#define LTK_CODE_ENUMERATOR(enumerator, name, value) enumerator = value,
+
+enum Reduction : int { LTK_REDUCTION_CODES(LTK_CODE_ENUMERATOR) };
+enum Focal : int { LTK_FOCAL_CODES(LTK_CODE_ENUMERATOR) };
+enum Angular : int { LTK_ANGULAR_CODES(LTK_CODE_ENUMERATOR) };
 
 // Raw-pointer view of one call. Per-class vectors (length C) and row vectors (length N) are acc_t and
 // contiguous; a null pointer means "absent" (r = 1, b = 0, m = 0, w = 1, t = 0, delta = 0).
@@ -26,14 +36,11 @@ template <typename scalar_t, typename acc_t>
 struct MarginCeArgs {
   const scalar_t* input = nullptr;  // (N, C) row-major contiguous
   const int64_t* target = nullptr;  // (N,)
-  const acc_t* col_scale = nullptr;
-  const acc_t* col_bias = nullptr;
-  const acc_t* margin = nullptr;
-  const acc_t* target_scale = nullptr;
-  const acc_t* weight = nullptr;
-  const acc_t* row_shift = nullptr;   // t_i (N,)
-  const acc_t* shift_coef = nullptr;  // beta_j (C,)
-  const acc_t* cloud = nullptr;       // delta_j (C,): Gaussian cloud active when non-null
+  // the vectors of ltk/margin_ce_args.h: col_scale, col_bias, margin, target_scale, weight, row_shift,
+  // shift_coef, cloud (delta_j: the Gaussian cloud is active when non-null)
+#define LTK_MCE_ARGS_POINTER(kind, name, len) const acc_t* name = nullptr;
+  LTK_MARGIN_CE_VECTOR_ARGS(LTK_MCE_ARGS_POINTER, LTK_MCE_NOSEP)
+#undef LTK_MCE_ARGS_POINTER
   const acc_t* noise = nullptr;       // injected raw N(0, 1/3) draw (N, C); null: Philox in-kernel
   acc_t scale = 1;
   acc_t noise_mul = 0;
