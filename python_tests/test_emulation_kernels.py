@@ -32,8 +32,9 @@ CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 HAS_CUDA = torch.cuda.is_available()
 
 ops = None
+_ops = None
 try:  # the compiled extension: CPU oracle (and CUDA ops on a GPU machine)
-    import ltkernels._ops  # noqa: F401
+    from ltkernels import _ops
     from ltkernels import reference
 
     ops = torch.ops.ltkernels
@@ -81,17 +82,38 @@ def _tol(dtype):
 
 
 # ==== margin_ce ===========================================================================================
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2, "batch_mean": 3}
-ANGULAR = {"linear": 0, "arcface": 1, "arcface_easy": 2, "gclang": 3, "gclang_easy": 4}
+# the op's codes and vector arguments, as the extension exports them (csrc/include/ltk/margin_ce*.h)
+REDUCTIONS = dict(_ops.REDUCTIONS) if _ops else {}
+ANGULAR = dict(_ops.ANGULAR) if _ops else {}
+VECTORS = dict(_ops.MARGIN_CE_VECTORS) if _ops else {}
+_FLAT_CTYPES = {"ptr": ctypes.c_void_p, "f64": ctypes.c_double, "u64": ctypes.c_uint64, "i64": ctypes.c_int64}
+_FLAT_TYPES = {}
 
 
-class MarginCeFlat(ctypes.Structure):  # mirrors FlatMarginCe in python_tests/emu/margin_ce.cpp
-    _fields_ = [(n, ctypes.c_void_p) for n in (
-        "input", "target", "col_scale", "col_bias", "margin", "target_scale", "weight", "row_shift", "shift_coef",
-        "cloud", "noise", "inv_denom", "row_loss", "grad", "grad_row_shift")] + \
-        [(n, ctypes.c_double) for n in ("scale", "noise_mul", "angular_eps", "gamma", "smoothing", "weight_sum")] + \
-        [("seed", ctypes.c_uint64), ("offset", ctypes.c_uint64)] + \
-        [(n, ctypes.c_int64) for n in ("angular", "focal", "ignore_index", "N", "C")]
+def margin_ce_flat_type(L):
+    """The ctypes mirror of FlatMarginCe (python_tests/emu/margin_ce.cpp), from the fields the library lists."""
+    if L.path not in _FLAT_TYPES:
+        L.cdll.ltk_emu_margin_ce_layout.restype = ctypes.c_char_p
+        layout = L.cdll.ltk_emu_margin_ce_layout().decode().strip(",").split(",")
+        fields = [(name, _FLAT_CTYPES[ctype]) for name, ctype in (f.split(":") for f in layout)]
+        _FLAT_TYPES[L.path] = type("MarginCeFlat", (ctypes.Structure,), {"_fields_": fields})
+    return _FLAT_TYPES[L.path]
+
+
+def flat_margin_ce(L, x, t, kw, p, P, row_loss, grad, grad_row_shift):
+    """The FlatMarginCe of one call: the inputs through P(tensor or None, name) -> address, the prepared
+    values p (_prepare), the output addresses as given."""
+    N, C = x.shape
+    f = margin_ce_flat_type(L)()
+    f.input, f.target = P(x, "input"), P(t, "target")
+    for k in (*VECTORS, "noise", "inv_denom"):
+        setattr(f, k, P(p[k], k))
+    f.row_loss, f.grad, f.grad_row_shift = row_loss, grad, grad_row_shift
+    f.scale, f.noise_mul, f.angular_eps = kw["scale"], kw["noise_mul"], kw["angular_eps"]
+    f.gamma, f.smoothing, f.weight_sum = kw["gamma"], kw["label_smoothing"], p["weight_sum"]
+    f.seed, f.offset = p["seed"], kw["offset"]
+    f.angular, f.focal, f.ignore_index, f.N, f.C = kw["angular"], kw["focal"], kw["ignore_index"], N, C
+    return f
 
 
 def margin_ce_case(N, C, dtype, *, seed=0, features=(), angular="linear", ignore=False, weight=False):
@@ -106,10 +128,8 @@ def margin_ce_case(N, C, dtype, *, seed=0, features=(), angular="linear", ignore
     t = torch.randint(0, C, (N,), generator=g) if C > 0 else torch.zeros(N, dtype=torch.int64)
     if ignore and N > 1:
         t[::3] = -100
-    kw = dict(col_scale=None, col_bias=None, margin=None, target_scale=None, weight=None, row_shift=None,
-              shift_coef=None, cloud=None, noise=None, seed=None, scale=1.0, noise_mul=0.0, angular_eps=0.0,
-              offset=0, angular=ANGULAR[angular], reduction=2, focal=0, gamma=0.0, ignore_index=-100,
-              label_smoothing=0.0)
+    kw = {k: v for k, v in _ops.MARGIN_CE_DEFAULTS.items() if k != "compute_grad"}  # the schema's defaults
+    kw.update(noise_mul=0.0, angular=ANGULAR[angular])
     vec = lambda lo, hi: (torch.rand(C, generator=g, dtype=acc) * (hi - lo) + lo)  # noqa: E731
     if "scale" in features:
         kw["scale"] = 7.5
@@ -148,8 +168,7 @@ def _prepare(x, t, kw):
     1 / denominator of the reduction, sum of the weights for label smoothing, the seed."""
     N, C = x.shape
     acc = _acc(x.dtype)
-    p = {k: (kw[k].to(acc).contiguous() if kw[k] is not None else None) for k in (
-        "col_scale", "col_bias", "margin", "target_scale", "weight", "row_shift", "shift_coef", "cloud", "noise")}
+    p = {k: (kw[k].to(acc).contiguous() if kw[k] is not None else None) for k in (*VECTORS, "noise")}
     valid = t != kw["ignore_index"]
     if kw["reduction"] == 2:
         if kw["weight"] is not None:
@@ -176,7 +195,7 @@ def emu_margin_ce(L, x, t, kw, compute_grad=True, guard=True):
     G = guarded if guard else (lambda v: v.clone())
     keep = []
 
-    def P(v):
+    def P(v, name=None):
         if v is None:
             return None
         v = G(v.contiguous())
@@ -186,18 +205,8 @@ def emu_margin_ce(L, x, t, kw, compute_grad=True, guard=True):
     row_loss = G(torch.full((N,), float("nan"), dtype=acc))
     grad = G(torch.full((N, C), float("nan"), dtype=x.dtype)) if compute_grad else None
     gshift = G(torch.full((N,), float("nan"), dtype=acc)) if (compute_grad and p["row_shift"] is not None) else None
-    f = MarginCeFlat()
-    f.input, f.target = P(x), P(t)
-    for k in ("col_scale", "col_bias", "margin", "target_scale", "weight", "row_shift", "shift_coef", "cloud",
-              "noise", "inv_denom"):
-        setattr(f, k, P(p[k]))
-    f.row_loss = row_loss.data_ptr()
-    f.grad = grad.data_ptr() if grad is not None else None
-    f.grad_row_shift = gshift.data_ptr() if gshift is not None else None
-    f.scale, f.noise_mul, f.angular_eps = kw["scale"], kw["noise_mul"], kw["angular_eps"]
-    f.gamma, f.smoothing, f.weight_sum = kw["gamma"], kw["label_smoothing"], p["weight_sum"]
-    f.seed, f.offset = p["seed"], kw["offset"]
-    f.angular, f.focal, f.ignore_index, f.N, f.C = kw["angular"], kw["focal"], kw["ignore_index"], N, C
+    f = flat_margin_ce(L, x, t, kw, p, P, row_loss.data_ptr(), grad.data_ptr() if grad is not None else None,
+                       gshift.data_ptr() if gshift is not None else None)
     L.call("ltk_emu_margin_ce", DTYPE_CODE[x.dtype], ctypes.byref(f))
     if kw["reduction"] == 0:
         loss = row_loss.to(x.dtype)
@@ -212,11 +221,8 @@ def emu_margin_ce(L, x, t, kw, compute_grad=True, guard=True):
 def op_margin_ce(x, t, kw, device="cpu", compute_grad=True):
     d = lambda v: v.to(device) if isinstance(v, torch.Tensor) and v is not kw.get("seed") else v  # noqa: E731
     a = {k: d(v) for k, v in kw.items()}
-    loss, grad, gshift = ops.margin_ce(
-        d(x), d(t), a["col_scale"], a["col_bias"], a["margin"], a["target_scale"], a["weight"], a["row_shift"],
-        a["shift_coef"], a["cloud"], a["noise"], kw["seed"], a["scale"], a["noise_mul"], a["angular_eps"],
-        a["offset"], a["angular"], a["reduction"], a["focal"], a["gamma"], a["ignore_index"],
-        a["label_smoothing"], compute_grad)
+    args = _ops.margin_ce_arguments((d(x), d(t)), dict(a, compute_grad=compute_grad))
+    loss, grad, gshift = ops.margin_ce(*args.values())
     return loss.cpu(), grad.cpu(), gshift.cpu()
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from conftest import cpu_flags, devices, run_on_other_isas  # noqa: F401  (devices: ltk_device)
 
+from ltkernels import _ops
 from ltkernels import functional as LF
 from ltkernels import reference as R
 
@@ -23,7 +24,8 @@ ops = torch.ops.ltkernels
 fused = LF.margin_cross_entropy
 ref = R.margin_cross_entropy
 
-REDUCTIONS = ["none", "sum", "mean", "batch_mean"]
+REDUCTIONS = list(_ops.REDUCTIONS)
+ARG = {name: i for i, name in enumerate(_ops.MARGIN_CE_ARGS)}  # position of each op argument
 F64 = dict(rtol=1e-10, atol=1e-10)
 
 
@@ -529,12 +531,9 @@ def test_gradcheck_row_shift(ltk_device, reduction):
 
 def _op_args(device, N=4, C=6, requires_grad=True, **over):
     x, t = make_inputs(N, C, seed=95)
-    a = dict(input=x.to(device).requires_grad_(requires_grad), target=t.to(device), col_scale=None, col_bias=None,
-             margin=None, target_scale=None, weight=None, row_shift=None, shift_coef=None, cloud=None, noise=None,
-             seed=None, scale=1.0, noise_mul=1.0, angular_eps=0.0, offset=0, angular=0, reduction=2, focal=0,
-             gamma=0.0, ignore_index=-100, label_smoothing=0.0, compute_grad=requires_grad)
+    a = dict(input=x.to(device).requires_grad_(requires_grad), target=t.to(device), compute_grad=requires_grad)
     a.update(over)
-    return tuple(a.values())
+    return tuple(_ops.margin_ce_arguments(kwargs=a).values())  # every argument, the schema's defaults
 
 
 def _opcheck_cases(device, C=6, N=4):
@@ -810,24 +809,24 @@ def test_device_mismatch_of_target_and_op_level_checks():
     # the op itself checks too (for callers that bypass the functional)
     args = list(_op_args("cpu", requires_grad=False))
     bad = list(args)
-    bad[4] = torch.ones(3, dtype=torch.float64)  # margin of the wrong length
+    bad[ARG["margin"]] = torch.ones(3, dtype=torch.float64)  # margin of the wrong length
     with pytest.raises(ValueError, match=r"margin must have shape \(C,\)"):
         ops.margin_ce(*bad)
     bad = list(args)
-    bad[1] = args[1].to(torch.int32)
+    bad[ARG["target"]] = args[ARG["target"]].to(torch.int32)
     with pytest.raises(ValueError, match="target must be int64"):
         ops.margin_ce(*bad)
     bad = list(args)
-    bad[17] = 9  # reduction code
+    bad[ARG["reduction"]] = 9  # reduction code
     with pytest.raises(ValueError, match="unknown reduction"):
         ops.margin_ce(*bad)
     bad = list(args)
-    bad[1] = args[1].clone()
-    bad[1][0] = 6
+    bad[ARG["target"]] = args[ARG["target"]].clone()
+    bad[ARG["target"]][0] = 6
     with pytest.raises(IndexError, match="out of range"):
         ops.margin_ce(*bad)
     bad = list(args)
-    bad[9] = torch.ones(6, dtype=torch.float64)  # cloud without noise or seed
+    bad[ARG["cloud"]] = torch.ones(6, dtype=torch.float64)  # cloud without noise or seed
     with pytest.raises(ValueError, match="needs either injected noise or a seed"):
         ops.margin_ce(*bad)
 

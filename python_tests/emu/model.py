@@ -107,19 +107,11 @@ def run_margin_ce(dtype: torch.dtype, N: int, C: int, features=MARGIN_CE_FEATURE
         return emu.ptr(g, init=init, name=name).value
 
     acc = K._acc(dtype)
-    f = K.MarginCeFlat()
-    f.input, f.target = G(x, "input"), G(t, "target")
-    for k in ("col_scale", "col_bias", "margin", "target_scale", "weight", "row_shift", "shift_coef", "cloud",
-              "noise", "inv_denom"):
-        setattr(f, k, G(p[k], k))
+    f = K.flat_margin_ce(L, x, t, kw, p, G, None, None, None)
     f.row_loss = G(torch.empty(N, dtype=acc), "row_loss", init=False)
     f.grad = G(torch.empty(N, C, dtype=dtype), "grad", init=False)
     f.grad_row_shift = G(torch.empty(N, dtype=acc), "grad_row_shift", init=False) if p["row_shift"] is not None \
         else None
-    f.scale, f.noise_mul, f.angular_eps = kw["scale"], kw["noise_mul"], kw["angular_eps"]
-    f.gamma, f.smoothing, f.weight_sum = kw["gamma"], kw["label_smoothing"], p["weight_sum"]
-    f.seed, f.offset = p["seed"], kw["offset"]
-    f.angular, f.focal, f.ignore_index, f.N, f.C = kw["angular"], kw["focal"], kw["ignore_index"], N, C
     emu.model_launches()  # drop anything recorded before
     with emu.options(model=True):
         L.call("ltk_emu_margin_ce", K.DTYPE_CODE[dtype], ctypes.byref(f))
