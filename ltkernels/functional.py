@@ -11,8 +11,6 @@ followed by softmax cross-entropy with the reductions of docs/methods.md §1.2. 
 """
 from __future__ import annotations
 
-import ast
-import inspect
 from typing import Optional
 
 import torch
@@ -74,55 +72,6 @@ def _class_vector(v, name: str, n: int, ref: Tensor) -> Optional[Tensor]:
     return v
 
 
-def _positional_margin_ce(fn):
-    """Compiles ``fn`` again with its calls ``_margin_ce(input, target, name=value, ...)`` made positional calls
-    of the op, in its schema's order (the schema's default for a name not given), each vector argument
-    converted by ``_class_vector`` unless None (length C, or N for a per-row vector: ``_ops.MARGIN_CE_VECTORS``).
-    The source names each argument once and keeps no copy of the schema's order, and a call still pays no
-    keyword matching: a Python call with 23 keywords costs ~1 us more than a positional one, and the C++ op's
-    keyword parsing more again, against ~30 us for a whole 128 x 100 training step."""
-    tree = ast.parse(inspect.getsource(fn))
-    tree.body[0].decorator_list = []
-    names = _ops.MARGIN_CE_ARGS
-
-    def vector(name, value, input):
-        if not (isinstance(value, ast.Name) and isinstance(input, ast.Name)):
-            raise TypeError(f"_margin_ce: pass {name} and input as plain names")
-        dim = {"C": 1, "N": 0}[_ops.MARGIN_CE_VECTORS[name]]
-        v, x = value.id, input.id
-        return ast.parse(f"None if {v} is None else _class_vector({v}, {name!r}, {x}.shape[{dim}], {x})",
-                         mode="eval").body
-
-    class Positional(ast.NodeTransformer):
-        def visit_Call(self, node):
-            self.generic_visit(node)
-            if not (isinstance(node.func, ast.Name) and node.func.id == "_margin_ce"):
-                return node
-            given = dict(zip(names, node.args))
-            for k in node.keywords:
-                if k.arg not in names or k.arg in given:
-                    raise TypeError(f"_margin_ce: unknown or repeated argument {k.arg!r}")
-                given[k.arg] = k.value
-            args = []
-            for name in names:
-                value = given.get(name)
-                if value is None:
-                    if name not in _ops.MARGIN_CE_DEFAULTS:
-                        raise TypeError(f"_margin_ce: missing argument {name!r}")
-                    value = ast.Constant(_ops.MARGIN_CE_DEFAULTS[name])
-                if name in _ops.MARGIN_CE_VECTORS and not isinstance(value, ast.Constant):
-                    value = vector(name, value, given["input"])
-                args.append(value)
-            op = ast.parse("_ops.callable_of(_MARGIN_CE)", mode="eval").body
-            return ast.copy_location(ast.Call(func=op, args=args, keywords=[]), node)
-
-    tree = ast.fix_missing_locations(Positional().visit(tree))
-    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
-    scope = {}
-    exec(compile(tree, fn.__code__.co_filename, "exec"), fn.__globals__, scope)
-    return scope[fn.__name__]
-
-
 def _checked_target(input: Tensor, target: Tensor, reduction: str, label_smoothing: float) -> Tensor:
     """The checks shared by both functionals (each with a clear exception); returns the target as int64."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
@@ -181,7 +130,6 @@ def cross_entropy(
                                             float(label_smoothing), compute_grad)
 
 
-@_positional_margin_ce
 def margin_cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -258,12 +206,20 @@ def margin_cross_entropy(
         gamma = float(focal_gamma)
         if red == _ops.REDUCTIONS["mean"]:
             red = _ops.REDUCTIONS["batch_mean"]  # the official focal loss averages over the batch
+    if (col_scale is not None or col_bias is not None or margin is not None or target_scale is not None
+            or weight is not None or row_shift is not None or shift_coef is not None
+            or cloud is not None):  # (plain CE skips the conversion loop)
+        col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef, cloud = [
+            v if v is None else _class_vector(v, name, n if _ops.MARGIN_CE_VECTORS[name] == "N" else c, input)
+            for v, name in zip((col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef, cloud),
+                               _ops.MARGIN_CE_VECTORS)]
     compute_grad = torch.is_grad_enabled() and (
-        input.requires_grad or (isinstance(row_shift, Tensor) and row_shift.requires_grad))
-    loss, _, _ = _margin_ce(
-        input, target, col_scale=col_scale, col_bias=col_bias, margin=margin, target_scale=target_scale,
-        weight=weight, row_shift=row_shift, shift_coef=shift_coef, cloud=cloud, noise=noise, seed=seed,
-        scale=float(scale), noise_mul=float(noise_mul), angular_eps=float(angular_eps), offset=int(offset),
-        angular=_ops.ANGULAR[angular], reduction=red, focal=focal, gamma=gamma, ignore_index=int(ignore_index),
-        label_smoothing=float(label_smoothing), compute_grad=bool(compute_grad))
+        input.requires_grad or (row_shift is not None and row_shift.requires_grad))
+    # Positional, in the order of the op's schema (csrc/include/ltk/margin_ce_args.h): a call with 23 keywords
+    # costs ~1 us more, against ~30 us for a whole 128 x 100 training step. test_margin_ce's
+    # test_functional_packs_every_argument_in_schema_order holds this list to the schema.
+    loss, _, _ = _ops.callable_of(_MARGIN_CE)(
+        input, target, col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef, cloud, noise, seed,
+        float(scale), float(noise_mul), float(angular_eps), int(offset), _ops.ANGULAR[angular], red, focal, gamma,
+        int(ignore_index), float(label_smoothing), bool(compute_grad))
     return loss

@@ -944,3 +944,33 @@ def test_unit_grad_output_fast_path_reads_logical_value():
     torch.testing.assert_close(g_neg, -g_one, rtol=0, atol=0)
     (g_zero,) = torch.autograd.grad(fused(x, t, scale=3.0), x, torch._efficientzerotensor((), dtype=torch.float64))
     assert torch.equal(g_zero, torch.zeros_like(g_one))
+
+
+@pytest.mark.parametrize("variant", ["focal", "smoothing"])
+def test_functional_packs_every_argument_in_schema_order(monkeypatch, variant):
+    """margin_cross_entropy calls the op positionally (a keyword call costs ~1 us): every value must land in
+    the schema slot of its name. A fake op records the call; each argument gets a value no other one has."""
+    seen = {}
+
+    def fake_op(*args):
+        seen.update(_ops.margin_ce_arguments(args))
+        return torch.zeros(()), torch.zeros(0), torch.zeros(0)
+
+    monkeypatch.setattr(LF, "_MARGIN_CE", fake_op)
+    n, c = 3, 5
+    x = torch.rand(n, c, requires_grad=True)
+    t = torch.tensor([0, 1, 4])
+    vectors = {name: torch.rand(n if dim == "N" else c) for name, dim in _ops.MARGIN_CE_VECTORS.items()}
+    noise, seed = torch.rand(n, c), torch.tensor([12345], dtype=torch.int64)
+    extra = dict(focal_gamma=2.5, focal_detach=False) if variant == "focal" else dict(label_smoothing=0.125)
+    LF.margin_cross_entropy(x, t, scale=1.5, noise_mul=2.25, angular_eps=0.375, offset=7, angular="gclang",
+                            reduction="sum", ignore_index=-7, noise=noise, seed=seed, **vectors, **extra)
+    assert seen["input"] is x and torch.equal(seen["target"], t)
+    for name, v in vectors.items():
+        assert seen[name] is v, name
+    assert seen["noise"] is noise and seen["seed"] is seed
+    want = dict(scale=1.5, noise_mul=2.25, angular_eps=0.375, offset=7, angular=_ops.ANGULAR["gclang"],
+                reduction=_ops.REDUCTIONS["sum"], ignore_index=-7, compute_grad=True,
+                focal=_ops.FOCAL_FULL if variant == "focal" else _ops.FOCAL_OFF,
+                gamma=2.5 if variant == "focal" else 0.0, label_smoothing=0.0 if variant == "focal" else 0.125)
+    assert {k: seen[k] for k in want} == want
