@@ -35,6 +35,18 @@ def ltk_device(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def instrumented_emu():
+    """The emulation library, which must have been built with the memory-access instrumentation (the
+    sanitizer and the access model read it)."""
+    import emu
+
+    lib = emu.lib()
+    if not lib.instrumented:
+        pytest.fail("the emulation library was built without the access instrumentation (LTK_EMU_INSTRUMENT=0)")
+    return lib
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (/proc/cpuinfo), empty where unreadable."""
     try:

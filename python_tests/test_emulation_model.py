@@ -30,11 +30,8 @@ SHAPES = [(torch.float32, 100), (torch.float32, 8142), (torch.bfloat16, 100), (t
 
 
 @pytest.fixture(scope="module")
-def L():
-    lib = emu.lib()
-    if not lib.instrumented:
-        pytest.fail("the emulation library was built without the access instrumentation (LTK_EMU_INSTRUMENT=0)")
-    return lib
+def L(instrumented_emu):
+    return instrumented_emu
 
 
 @pytest.fixture(autouse=True)

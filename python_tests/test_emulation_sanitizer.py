@@ -27,11 +27,8 @@ SCHEDULES = [("random", 0), ("random", 1), ("uniform", 2), ("warps", 3), ("forwa
 
 
 @pytest.fixture(scope="module")
-def L():
-    lib = emu.lib()
-    if not lib.instrumented:
-        pytest.fail("the emulation library was built without the access instrumentation (LTK_EMU_INSTRUMENT=0)")
-    return lib
+def L(instrumented_emu):
+    return instrumented_emu
 
 
 @pytest.fixture(autouse=True)
