@@ -35,6 +35,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ltkernels._readme import replace_marked_block  # noqa: E402
 from ltkernels.data import build_datasets  # noqa: E402
 from ltkernels.models import build_model  # noqa: E402
 from ltkernels.train import build_config  # noqa: E402
@@ -192,14 +193,8 @@ def table(rows: List[Dict]) -> str:
 
 
 def write_readme(path: str, cmd: str, text: str) -> None:
-    with open(path) as f:
-        s = f.read()
-    if START not in s or END not in s:
+    if not replace_marked_block(path, START, END, f"\n`{cmd}`\n\n{text}\n"):
         raise SystemExit(f"{path}: no {START} ... {END} markers")
-    head, rest = s.split(START, 1)
-    _, tail = rest.split(END, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{START}\n\n`{cmd}`\n\n{text}\n\n{END}{tail}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -25,6 +25,8 @@ import time
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 
+from ltkernels._readme import replace_marked_block
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -508,20 +510,16 @@ def head_table(head_rows) -> list[str]:
 
 def update_readme(readme: Path, targets, md_rel: str) -> bool:
     target_rows, head_rows = targets
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        print(f"{readme}: no {README_START} ... {README_END} markers; not updated")
-        return False
-    block = [README_START, "", f"Targets, fp32 forward+backward on this machine (full table: [{md_rel}]({md_rel})):",
+    block = ["", f"Targets, fp32 forward+backward on this machine (full table: [{md_rel}]({md_rel})):",
              "", "| case | shape | fused ms | eager ms | compiled ms | fused vs eager | fused vs compiled | target | "
              "other load |",
              "|---|---|--:|--:|--:|--:|--:|---|--:|"]
     block += ["| " + " | ".join(r) + " |" for r in target_rows]
     block += head_table(head_rows)
-    block += ["", README_END]
-    a, rest = text.split(README_START, 1)
-    _, b = rest.split(README_END, 1)
-    readme.write_text(a + "\n".join(block) + b)
+    block += [""]
+    if not replace_marked_block(readme, README_START, README_END, "\n".join(block)):
+        print(f"{readme}: no {README_START} ... {README_END} markers; not updated")
+        return False
     print(f"updated {readme}")
     return True
 

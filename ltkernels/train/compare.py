@@ -18,6 +18,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from .._readme import replace_marked_block
+
 COLS = ("many", "medium", "few", "top1", "top5", "ece")
 
 
@@ -34,17 +36,10 @@ def aggregate(results):
 
 def _write_readme_section(path: str, argv, table: str) -> None:
     start, end = "<!-- digits:start -->", "<!-- digits:end -->"
-    with open(path) as f:
-        text = f.read()
-    if start not in text or end not in text:
-        print(f"{path}: no {start} ... {end} markers; not updated", file=sys.stderr)
-        return
     args = [x for x in (sys.argv[1:] if argv is None else argv)]
     cmd = "python -m ltkernels.train.compare " + " ".join(args)
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{start}\n```\n$ {cmd}\n{table}\n```\n{end}{tail}")
+    if not replace_marked_block(path, start, end, f"```\n$ {cmd}\n{table}\n```"):
+        print(f"{path}: no {start} ... {end} markers; not updated", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
