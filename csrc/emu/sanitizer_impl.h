@@ -103,7 +103,16 @@ struct LaunchModel {
   std::map<std::string, RegionTotals> regions;
 };
 
+// A block's atomic write to a global address (the release / acquire points of cross-block ordering).
+struct AtomicMark {
+  uintptr_t addr;
+  uint32_t epoch;
+  uint64_t seq;  // the atomics' order of execution in this launch
+};
+
 struct State {
+  std::unordered_map<uint32_t, std::vector<AtomicMark>> atomics;  // this launch's, by linear block index
+  uint64_t atomic_seq = 0;
   std::vector<std::unique_ptr<Region>> buffers;  // global buffers registered by the host
   std::vector<std::unique_ptr<Region>> shared;   // this launch's shared memory
   std::vector<Region*> sorted;                   // all regions of the launch, by address
@@ -222,13 +231,29 @@ inline std::string access_desc(const State& S, const Stamp& st, uint32_t size) {
 }
 
 // ---- happens-before -----------------------------------------------------------------------------------
-// Within one launch: two accesses of different blocks are never ordered (blocks may run concurrently);
-// in one block, a __syncthreads between them orders them (every thread passes every barrier, so the
+// Within one launch, two accesses of different blocks are ordered only through an atomic on one global
+// address (the "last block" ticket of a grid reduction): block P's access is released by an atomic of P
+// at a later barrier epoch, block C's is acquired by an atomic of C on the same address that ran after P's,
+// at an earlier epoch than C's access. So a barrier must separate the published stores from the ticket
+// and the ticket from the reads. Memory fences are not modelled (the emulator's memory is sequentially
+// consistent): a missing __threadfence is not detected, only a missing barrier or ticket.
+inline bool ordered_by_atomics(const Stamp& p, const Stamp& c) {
+  const State& S = state();
+  const auto ip = S.atomics.find(p.block), ic = S.atomics.find(c.block);
+  if (ip == S.atomics.end() || ic == S.atomics.end()) return false;
+  for (const AtomicMark& rel : ip->second) {
+    if (p.epoch >= rel.epoch) continue;
+    for (const AtomicMark& acq : ic->second)
+      if (acq.addr == rel.addr && acq.seq > rel.seq && c.epoch > acq.epoch) return true;
+  }
+  return false;
+}
+// Otherwise, accesses of different blocks are never ordered (blocks may run concurrently); in one block, a __syncthreads between them orders them (every thread passes every barrier, so the
 // block's barrier count is a global clock); in one warp, a completed warp collective in which both lanes
 // took part orders them; program order orders a thread's own accesses. Launches are ordered (one stream).
 inline bool ordered(const Stamp& p, const Stamp& c) {
   if (p.launch != c.launch) return true;
-  if (p.block != c.block) return false;
+  if (p.block != c.block) return ordered_by_atomics(p, c);
   if (p.thread == c.thread) return true;
   if (p.epoch != c.epoch) return true;
   if ((p.thread >> 5) != (c.thread >> 5)) return false;
@@ -314,6 +339,7 @@ inline void check_access(void* p, uint32_t size, bool write, void* ret) {
   }
   const size_t off = a - uintptr_t(R->lo);
   ++r.checked;
+  if (atomic && write && R->space == kGlobal) S.atomics[cur.block].push_back(AtomicMark{a, cur.epoch, S.atomic_seq++});
   if (R->track_init && !write) {
     for (uint32_t k = 0; k < size; ++k)
       if (!R->init[off + k]) {
@@ -511,6 +537,8 @@ extern "C" void ltk_emu_san_launch_begin() {
   State& S = state();
   Runtime& r = g_rt;
   collect_image(S);
+  S.atomics.clear();
+  S.atomic_seq = 0;
   S.shared.clear();
   if (r.smem && r.smem_region.map) {
     auto R = std::make_unique<Region>();

@@ -397,27 +397,65 @@ template <class T, class U>
 inline T atomicAdd_system(T* a, U v, LTK_EMU_ATOMIC_SITE) { return atomicAdd(a, v, ltk_file, ltk_line); }
 
 // ---------------------------------------------------------------------------------------------------
-// Cache-hinted loads and stores.
+// Cache-hinted loads and stores. An 8- or 16-byte vector (uint2, float4, ...) moves as one access, as on
+// the GPU (LDG.E.64 / .128): the compiler would otherwise split the struct copy into its fields, and the
+// sanitizer and the memory model would see four 4-byte accesses.
+namespace ltk {
+namespace emu {
+namespace detail {
 template <class T>
-__forceinline__ T __ldg(const T* p) { return *p; }
+__forceinline__ T whole_load(const T* p) {
+  if constexpr (sizeof(T) == 16 && alignof(T) == 16) {
+    const unsigned __int128 raw = *reinterpret_cast<const unsigned __int128*>(p);
+    T v;
+    __builtin_memcpy(&v, &raw, 16);
+    return v;
+  } else if constexpr (sizeof(T) == 8 && alignof(T) == 8) {
+    const unsigned long long raw = *reinterpret_cast<const unsigned long long*>(p);
+    T v;
+    __builtin_memcpy(&v, &raw, 8);
+    return v;
+  } else {
+    return *p;
+  }
+}
 template <class T>
-__forceinline__ T __ldcg(const T* p) { return *p; }
+__forceinline__ void whole_store(T* p, const T& v) {
+  if constexpr (sizeof(T) == 16 && alignof(T) == 16) {
+    unsigned __int128 raw;
+    __builtin_memcpy(&raw, &v, 16);
+    *reinterpret_cast<unsigned __int128*>(p) = raw;
+  } else if constexpr (sizeof(T) == 8 && alignof(T) == 8) {
+    unsigned long long raw;
+    __builtin_memcpy(&raw, &v, 8);
+    *reinterpret_cast<unsigned long long*>(p) = raw;
+  } else {
+    *p = v;
+  }
+}
+}  // namespace detail
+}  // namespace emu
+}  // namespace ltk
 template <class T>
-__forceinline__ T __ldca(const T* p) { return *p; }
+__forceinline__ T __ldg(const T* p) { return ::ltk::emu::detail::whole_load(p); }
 template <class T>
-__forceinline__ T __ldcs(const T* p) { return *p; }
+__forceinline__ T __ldcg(const T* p) { return ::ltk::emu::detail::whole_load(p); }
 template <class T>
-__forceinline__ T __ldlu(const T* p) { return *p; }
+__forceinline__ T __ldca(const T* p) { return ::ltk::emu::detail::whole_load(p); }
 template <class T>
-__forceinline__ T __ldcv(const T* p) { return *p; }
+__forceinline__ T __ldcs(const T* p) { return ::ltk::emu::detail::whole_load(p); }
 template <class T>
-__forceinline__ void __stcg(T* p, T v) { *p = v; }
+__forceinline__ T __ldlu(const T* p) { return ::ltk::emu::detail::whole_load(p); }
 template <class T>
-__forceinline__ void __stcs(T* p, T v) { *p = v; }
+__forceinline__ T __ldcv(const T* p) { return ::ltk::emu::detail::whole_load(p); }
 template <class T>
-__forceinline__ void __stwb(T* p, T v) { *p = v; }
+__forceinline__ void __stcg(T* p, T v) { ::ltk::emu::detail::whole_store(p, v); }
 template <class T>
-__forceinline__ void __stwt(T* p, T v) { *p = v; }
+__forceinline__ void __stcs(T* p, T v) { ::ltk::emu::detail::whole_store(p, v); }
+template <class T>
+__forceinline__ void __stwb(T* p, T v) { ::ltk::emu::detail::whole_store(p, v); }
+template <class T>
+__forceinline__ void __stwt(T* p, T v) { ::ltk::emu::detail::whole_store(p, v); }
 
 // ---------------------------------------------------------------------------------------------------
 // Arithmetic intrinsics. *_rn are exact IEEE operations (the build uses -ffp-contract=off, so no implicit
