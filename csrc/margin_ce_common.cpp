@@ -61,64 +61,54 @@ MarginCePrepared prepare_margin_ce(const MarginCeInputs& in) {
     TORCH_CHECK_VALUE(in.noise->device() == x.device(), "margin_ce: noise is on ", in.noise->device(),
                       " but input is on ", x.device());
     p.noise = in.noise->to(acc).contiguous();
-  } else if (p.cloud.defined()) {
+  } else if (p.cloud.defined() && x.is_cpu()) {
+    // (on CUDA the Philox state may instead come from the CUDA generator, cuda/margin_ce_cuda.cu)
     TORCH_CHECK_VALUE(in.seed.has_value() && in.seed->defined(),
                       "margin_ce: the Gaussian cloud needs either injected noise or a seed tensor");
   }
   if (in.seed.has_value() && in.seed->defined()) {
     TORCH_CHECK_VALUE(in.seed->numel() == 1 && in.seed->scalar_type() == at::kLong && in.seed->is_cpu(),
                       "margin_ce: seed must be a one-element int64 CPU tensor");
-    p.seed = static_cast<uint64_t>(in.seed->item<int64_t>());
+    // read in place (a host tensor: no device sync; item() would be a dispatched op)
+    p.seed = static_cast<uint64_t>(*in.seed->const_data_ptr<int64_t>());
   }
 
   // Target range and the reduction's denominator. On the CPU one host loop does both; on a device the
-  // range is asserted inside the kernel (like PyTorch) and the denominator stays on the device.
+  // range is asserted inside the kernel (like PyTorch) and the prologue kernel computes the denominator.
   const int64_t N = p.N, C = p.C;
   if (x.is_cpu()) {
-    const int64_t* t = p.target.data_ptr<int64_t>();
+    // host loops over the prepared (acc-typed, contiguous) vectors: the CPU path issues no ATen reduction
+    const int64_t* t = p.target.const_data_ptr<int64_t>();
+    const bool w_double = p.weight.defined() && p.weight.scalar_type() == at::kDouble;
+    const double* wd = w_double ? p.weight.const_data_ptr<double>() : nullptr;
+    const float* wf = p.weight.defined() && !w_double ? p.weight.const_data_ptr<float>() : nullptr;
+    const bool w = wd || wf;
+    auto weight_at = [&](int64_t j) { return wd ? wd[j] : static_cast<double>(wf[j]); };
     double denom_w = 0;
     int64_t valid = 0;
-    const at::Tensor wcpu = p.weight.defined() ? p.weight.to(at::kDouble) : at::Tensor();
-    const double* w = wcpu.defined() ? wcpu.data_ptr<double>() : nullptr;
     for (int64_t i = 0; i < N; ++i) {
       if (t[i] == in.ignore_index) continue;
       TORCH_CHECK_INDEX(t[i] >= 0 && t[i] < C, "margin_ce: target ", t[i], " at row ", i,
                         " is out of range for ", C, " classes (ignore_index=", in.ignore_index, ")");
       ++valid;
-      denom_w += w ? w[t[i]] : 1.0;
+      denom_w += w ? weight_at(t[i]) : 1.0;
     }
     double denom = 1.0;
     if (in.reduction == kReduceMean) denom = w ? denom_w : static_cast<double>(valid);
     if (in.reduction == kReduceBatchMean) denom = static_cast<double>(N);
     p.inv_denom_host = 1.0 / denom;
     p.inv_denom_host_f = static_cast<float>(p.inv_denom_host);
-  } else {
-    if (in.reduction == kReduceMean) {
-      const at::Tensor valid = p.target.ne(in.ignore_index);
-      at::Tensor d;
-      if (p.weight.defined()) {
-        d = (p.weight.index_select(0, p.target.masked_fill(valid.logical_not(), 0)) * valid).sum();
-      } else {
-        d = valid.sum().to(acc);
-      }
-      p.inv_denom = d.reciprocal().reshape({1}).to(acc);
-    } else {
-      const double denom = in.reduction == kReduceBatchMean ? static_cast<double>(N) : 1.0;
-      p.inv_denom = at::full({1}, 1.0 / denom, x.options().dtype(acc));
+    if (in.label_smoothing != 0.0) {
+      double ws = 0;
+      for (int64_t j = 0; j < C && w; ++j) ws += weight_at(j);
+      p.weight_sum_host = w ? ws : static_cast<double>(C);
     }
-  }
-  if (in.label_smoothing != 0.0) {
-    p.weight_sum = p.weight.defined() ? p.weight.sum().item<double>() : static_cast<double>(C);
+    p.weight_sum_host_f = static_cast<float>(p.weight_sum_host);
+  } else {
+    // written by the prologue kernel (denominator, weight sum, the main kernel's block counter)
+    p.scalars = at::empty({static_cast<int64_t>(sizeof(MarginCeScalars<double>))}, x.options().dtype(at::kByte));
   }
   return p;
-}
-
-at::Tensor reduce_row_losses(const at::Tensor& row_loss, const MarginCePrepared& p, int64_t reduction,
-                             at::ScalarType out_dtype) {
-  if (reduction == kReduceNone) return row_loss.to(out_dtype);
-  at::Tensor total = row_loss.sum();
-  if (reduction != kReduceSum) total = total * p.inv_denom.reshape({});
-  return total.to(out_dtype);
 }
 
 }  // namespace ltk

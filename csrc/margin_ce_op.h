@@ -19,30 +19,35 @@ namespace ltk {
 #define LTK_MCE_PARAM_TYPE_FLOAT double
 #define LTK_MCE_PARAM_TYPE_INT int64_t
 #define LTK_MCE_PARAM_TYPE_BOOL bool
+#define LTK_MCE_PARAM_TYPE_GEN const std::optional<at::Generator>&
 #define LTK_MCE_STORED_TYPE_TENSOR at::Tensor
 #define LTK_MCE_STORED_TYPE_VEC std::optional<at::Tensor>
 #define LTK_MCE_STORED_TYPE_OPT std::optional<at::Tensor>
 #define LTK_MCE_STORED_TYPE_FLOAT double
 #define LTK_MCE_STORED_TYPE_INT int64_t
 #define LTK_MCE_STORED_TYPE_BOOL bool
+#define LTK_MCE_STORED_TYPE_GEN std::optional<at::Generator>
 #define LTK_MCE_STORED_INIT_TENSOR(d)
 #define LTK_MCE_STORED_INIT_VEC(d)
 #define LTK_MCE_STORED_INIT_OPT(d)
 #define LTK_MCE_STORED_INIT_FLOAT(d) = d
 #define LTK_MCE_STORED_INIT_INT(d) = d
 #define LTK_MCE_STORED_INIT_BOOL(d) = d
+#define LTK_MCE_STORED_INIT_GEN(d)
 #define LTK_MCE_SCHEMA_TYPE_TENSOR "Tensor "
 #define LTK_MCE_SCHEMA_TYPE_VEC "Tensor? "
 #define LTK_MCE_SCHEMA_TYPE_OPT "Tensor? "
 #define LTK_MCE_SCHEMA_TYPE_FLOAT "float "
 #define LTK_MCE_SCHEMA_TYPE_INT "int "
 #define LTK_MCE_SCHEMA_TYPE_BOOL "bool "
+#define LTK_MCE_SCHEMA_TYPE_GEN "Generator? "
 #define LTK_MCE_SCHEMA_DEFAULT_TENSOR(d)
 #define LTK_MCE_SCHEMA_DEFAULT_VEC(d) "=None"
 #define LTK_MCE_SCHEMA_DEFAULT_OPT(d) "=None"
 #define LTK_MCE_SCHEMA_DEFAULT_FLOAT(d) "=" #d
 #define LTK_MCE_SCHEMA_DEFAULT_INT(d) "=" #d
 #define LTK_MCE_SCHEMA_DEFAULT_BOOL(d) "=" LTK_MCE_SCHEMA_BOOL_##d
+#define LTK_MCE_SCHEMA_DEFAULT_GEN(d) "=None"
 #define LTK_MCE_SCHEMA_BOOL_false "False"
 #define LTK_MCE_SCHEMA_BOOL_true "True"
 
@@ -75,5 +80,20 @@ using MarginCeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using MarginCeSignature = MarginCeResult(LTK_MARGIN_CE_PARAMS);
 
 MarginCeResult margin_ce_cpu(LTK_MARGIN_CE_PARAMS);
+
+// The argument checks of margin_ce_grad_scale_ (csrc/ops.cpp), shared by its CPU and CUDA kernels.
+inline void check_grad_scale_args(const at::Tensor& grad, const at::Tensor& grad_output, bool per_row) {
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.is_contiguous(), "margin_ce_grad_scale_: grad must be a contiguous (N, C) tensor");
+  TORCH_CHECK_VALUE(grad_output.device() == grad.device(), "margin_ce_grad_scale_: grad_output is on ",
+                    grad_output.device(), " but grad is on ", grad.device());
+  if (per_row) {
+    TORCH_CHECK_VALUE(grad_output.dim() == 1 && grad_output.size(0) == grad.size(0),
+                      "margin_ce_grad_scale_: per-row grad_output must have shape (N,) = (", grad.size(0), ",), got ",
+                      grad_output.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_output.numel() == 1, "margin_ce_grad_scale_: grad_output must be a scalar, got shape ",
+                      grad_output.sizes());
+  }
+}
 
 }  // namespace ltk

@@ -82,6 +82,10 @@ TORCH_LIBRARY(ltkernels, m) {
   // by the caller, so the op stays traceable); offset selects an independent stream for the same seed.
   // The arguments are declared once, in ltk/margin_ce_args.h.
   m.def(LTK_MARGIN_CE_SCHEMA);
+  // margin_ce's backward in place: grad *= grad_output (a scalar, or (N,) per row when per_row). The CUDA
+  // kernel reads grad_output on the device and leaves grad untouched when it is a scalar 1 (loss.backward()),
+  // so the backward costs one launch and, in the common case, no pass over N x C (margin_ce_autograd.cpp).
+  m.def("margin_ce_grad_scale_(Tensor(a!) grad, Tensor grad_output, bool per_row) -> ()");
   // Plain softmax cross-entropy (class weights, ignore_index, label smoothing): margin_ce with only these
   // arguments (cross_entropy_op.cpp), for a cheaper call from Python at small shapes. Returns the loss.
   m.def(
@@ -124,4 +128,14 @@ TORCH_LIBRARY(ltkernels, m) {
   m.def("cpu_isa() -> str", [] { return std::string(ltk::cpu::kernels_isa_name()); });
 }
 
-TORCH_LIBRARY_IMPL(ltkernels, CPU, m) { m.impl("margin_ce", &ltk::margin_ce_cpu); }
+namespace {
+void margin_ce_grad_scale_cpu(at::Tensor& grad, const at::Tensor& grad_output, bool per_row) {
+  ltk::check_grad_scale_args(grad, grad_output, per_row);
+  grad.mul_(per_row ? grad_output.unsqueeze(1) : grad_output);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ltkernels, CPU, m) {
+  m.impl("margin_ce", &ltk::margin_ce_cpu);
+  m.impl("margin_ce_grad_scale_", &margin_ce_grad_scale_cpu);
+}

@@ -1,9 +1,22 @@
-"""Python side of the compiled ops: loads ``ltkernels._C`` and registers fake kernels and autograd.
+"""Python side of the compiled ops: loads ``ltkernels._C`` and registers what the op schemas need besides kernels.
 
-The op schemas live in ``csrc/ops.cpp``; this module adds what ``torch.compile`` and autograd need:
-``register_fake`` (shapes/dtypes without computing). Autograd of margin_ce is registered in C++
-(csrc/margin_ce_autograd.cpp); its backward is plain ATen ops, so ``torch.compile(fullgraph=True)``
-traces through it.
+Every fake (meta) kernel and every Python autograd registration of the ``ltkernels::`` ops lives here, in one
+place, and is registered when this module is imported, i.e. whenever the extension is loaded: every Python path
+to an op (``functional``, ``losses``, ``cosine``, ``regularisers``) imports this module first.
+
+| op family | schemas | fake kernel | autograd |
+|---|---|---|---|
+| ``margin_ce`` | csrc/ops.cpp | here | C++, csrc/margin_ce_autograd.cpp |
+| ``margin_ce_grad_scale_`` | csrc/ops.cpp | here | none: margin_ce's backward, in place |
+| ``cross_entropy`` | csrc/ops.cpp | none: CompositeImplicitAutograd over margin_ce (csrc/cross_entropy_op.cpp) | |
+| ``cosine_*`` | csrc/ops.cpp | here | C++, csrc/cosine_head_common.cpp (cosine_logits) |
+| ``uniformity`` | csrc/ops.cpp | here | here (its gradient comes out of the forward) |
+
+The autograd of ``margin_ce`` and ``cosine_logits`` is C++ on purpose: through the Python ``torch.library``
+path a training step paid ~0.3 ms (margin_ce) and ~0.1 ms (cosine_logits) of overhead, more than the kernels
+at small shapes. Their backwards are ATen / dispatcher calls, so ``torch.compile(fullgraph=True)`` traces
+through them. ``uniformity`` runs once per step on the (C, D) class weights, so the Python registration's
+overhead is small next to the op. CONTRIBUTING.md ("Adding or changing a kernel") says what a new op needs here.
 """
 from __future__ import annotations
 
@@ -42,6 +55,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# margin_ce (autograd: csrc/margin_ce_autograd.cpp)
+# ---------------------------------------------------------------------------------------------------------------
 @torch.library.register_fake("ltkernels::margin_ce")
 def _margin_ce_fake(*args, **kwargs):
     a = margin_ce_arguments(args, kwargs)
@@ -56,10 +72,90 @@ def _margin_ce_fake(*args, **kwargs):
     return loss, grad, gshift
 
 
-# margin_ce's autograd is registered in C++ (csrc/margin_ce_autograd.cpp): through the Python
-# torch.library autograd a training step paid ~0.3 ms of overhead, more than the kernel at small shapes.
+@torch.library.register_fake("ltkernels::margin_ce_grad_scale_")
+def _margin_ce_grad_scale_fake(grad, grad_output, per_row):
+    torch._check(grad.dim() == 2, lambda: f"margin_ce_grad_scale_: grad must be 2-D, got {tuple(grad.shape)}")
+    return None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# cosine head (autograd of cosine_logits: csrc/cosine_head_common.cpp; its backward calls
+# ltkernels::cosine_logits_backward through the dispatcher, so tracing sees both ops)
+# ---------------------------------------------------------------------------------------------------------------
+def _empty_like_layout(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped like ``t`` in the layout the C++ op gives t's gradient: contiguous, or the
+    transpose of a contiguous matrix when ``t`` is one (cosine_head_common.cpp: ``canonical``)."""
+    if t.is_contiguous():
+        return t.new_empty(t.shape)
+    if t.t().is_contiguous():
+        return t.new_empty((t.shape[1], t.shape[0])).t()
+    return t.new_empty(t.shape)
+
+
+@torch.library.register_fake("ltkernels::cosine_logits")
+def _cosine_logits_fake(features, weight, eps=1e-12):
+    torch._check(features.dim() == 2, lambda: f"cosine_logits: features must be 2-D, got {tuple(features.shape)}")
+    torch._check(weight.dim() == 2, lambda: f"cosine_logits: weight must be 2-D, got {tuple(weight.shape)}")
+    torch._check(features.shape[1] == weight.shape[0], lambda: "cosine_logits: features and weight disagree on D")
+    n, c = features.shape[0], weight.shape[1]
+    return features.new_empty((n, c)), features.new_empty((n,)), features.new_empty((c,))
+
+
+@torch.library.register_fake("ltkernels::cosine_logits_backward")
+def _cosine_logits_backward_fake(grad, features, weight, feature_norm, weight_norm, eps, need_features,
+                                 need_weight, path=0, logits=None):
+    gx = _empty_like_layout(features) if need_features else features.new_empty((0,))
+    gw = _empty_like_layout(weight) if need_weight else features.new_empty((0,))
+    return gx, gw
+
+
+@torch.library.register_fake("ltkernels::cosine_norms")
+def _cosine_norms_fake(input, dim):
+    torch._check(input.dim() == 2, lambda: f"cosine_norms: input must be 2-D, got {tuple(input.shape)}")
+    return input.new_empty((input.shape[0] if dim in (1, -1) else input.shape[1],))
+
+
+@torch.library.register_fake("ltkernels::cosine_scale_")
+def _cosine_scale_fake(self, row_norm, col_norm, eps=1e-12):
+    return None
+
+
+@torch.library.register_fake("ltkernels::cosine_grad_prep_")
+def _cosine_grad_prep_fake(grad, logits, row_norm, col_norm, eps=1e-12):
+    return grad.new_empty((grad.shape[0],)), grad.new_empty((grad.shape[1],))
+
+
+@torch.library.register_fake("ltkernels::cosine_tangent_")
+def _cosine_tangent_fake(grad, vectors, norm, eps, dim, prescaled, scale=None, dots=None):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# uniformity: the forward returns (value, gradient); the backward scales the saved gradient
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.register_fake("ltkernels::uniformity")
+def _uniformity_fake(weight, kernel, param, eps=1e-12, dist_eps=1e-12, block=0, compute_grad=False):
+    torch._check(weight.dim() == 2, lambda: f"uniformity: weight must be 2-D (C, D), got {tuple(weight.shape)}")
+    grad = weight.new_empty(weight.shape) if compute_grad else weight.new_empty((0,))
+    return weight.new_empty(()), grad
+
+
+def _uniformity_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _uniformity_backward(ctx, grad_value, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.dim() != 2:
+        raise RuntimeError("uniformity: backward needs compute_grad=True in the forward call (use "
+                           "ltkernels.regularisers.uniformity, which sets it when weight requires grad)")
+    return grad * grad_value.to(grad.dtype), None, None, None, None, None, None
+
+
+torch.library.register_autograd("ltkernels::uniformity", _uniformity_backward, setup_context=_uniformity_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def callable_of(op: "torch._ops.OpOverload"):
     """What to call for ``op`` from Python: OpOverload.__call__ only forwards to its C++ callable ``_op``
     (unless a Python-object dispatcher was enabled on it), and its Python frame costs ~5 us a call, as much

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import _ops  # (loading it registers torch.ops.ltkernels.*)
+from . import _ops  # noqa: F401  (loads the extension; fake kernels and autograd: _ops.py)
 from . import reference as _ref
 
 __all__ = ["cosine_logits", "NormedLinear", "cosine_head_loss"]
@@ -34,62 +34,6 @@ LAYOUTS = ("in_out", "out_in")
 EPS = 1e-12
 # Default chunk of cosine_head_loss: about this many logits per chunk.
 CHUNK_ELEMENTS = 1 << 23
-
-
-# ---------------------------------------------------------------------------------------------------
-# Op registration: fake kernels and autograd
-# ---------------------------------------------------------------------------------------------------
-def _empty_like_layout(t: Tensor) -> Tensor:
-    """An empty tensor shaped like ``t`` in the layout the C++ op gives t's gradient: contiguous, or the
-    transpose of a contiguous matrix when ``t`` is one (cosine_head_common.cpp: ``canonical``)."""
-    if t.is_contiguous():
-        return t.new_empty(t.shape)
-    if t.t().is_contiguous():
-        return t.new_empty((t.shape[1], t.shape[0])).t()
-    return t.new_empty(t.shape)
-
-
-@torch.library.register_fake("ltkernels::cosine_logits")
-def _cosine_logits_fake(features, weight, eps=EPS):
-    torch._check(features.dim() == 2, lambda: f"cosine_logits: features must be 2-D, got {tuple(features.shape)}")
-    torch._check(weight.dim() == 2, lambda: f"cosine_logits: weight must be 2-D, got {tuple(weight.shape)}")
-    torch._check(features.shape[1] == weight.shape[0], lambda: "cosine_logits: features and weight disagree on D")
-    n, c = features.shape[0], weight.shape[1]
-    return features.new_empty((n, c)), features.new_empty((n,)), features.new_empty((c,))
-
-
-@torch.library.register_fake("ltkernels::cosine_logits_backward")
-def _cosine_logits_backward_fake(grad, features, weight, feature_norm, weight_norm, eps, need_features,
-                                 need_weight, path=0, logits=None):
-    gx = _empty_like_layout(features) if need_features else features.new_empty((0,))
-    gw = _empty_like_layout(weight) if need_weight else features.new_empty((0,))
-    return gx, gw
-
-
-@torch.library.register_fake("ltkernels::cosine_norms")
-def _cosine_norms_fake(input, dim):
-    torch._check(input.dim() == 2, lambda: f"cosine_norms: input must be 2-D, got {tuple(input.shape)}")
-    return input.new_empty((input.shape[0] if dim in (1, -1) else input.shape[1],))
-
-
-@torch.library.register_fake("ltkernels::cosine_scale_")
-def _cosine_scale_fake(self, row_norm, col_norm, eps=EPS):
-    return None
-
-
-@torch.library.register_fake("ltkernels::cosine_grad_prep_")
-def _cosine_grad_prep_fake(grad, logits, row_norm, col_norm, eps=EPS):
-    return grad.new_empty((grad.shape[0],)), grad.new_empty((grad.shape[1],))
-
-
-@torch.library.register_fake("ltkernels::cosine_tangent_")
-def _cosine_tangent_fake(grad, vectors, norm, eps, dim, prescaled, scale=None, dots=None):
-    return None
-
-
-# Autograd of cosine_logits is registered in C++ (csrc/cosine_head_common.cpp: the Python
-# register_autograd path costs about 100 us per step, more than the whole head at small shapes); its
-# backward calls ltkernels::cosine_logits_backward through the dispatcher, so tracing sees both ops.
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ followed by softmax cross-entropy with the reductions of docs/methods.md §1.2. 
 """
 from __future__ import annotations
 
+import weakref
+
 from typing import Optional
 
 import torch
@@ -55,12 +57,43 @@ def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
     return seed
 
 
+# Per-class vectors converted for the kernel (device and accumulation dtype), kept while the source tensor lives
+# and is unmodified (its _version): a module's float64 CPU buffers cost one conversion, not one per call (on
+# CUDA each conversion is a copy kernel, and under graph capture it would be a host copy on every replay).
+_CONVERTED: dict[tuple, tuple] = {}
+_CONSTANT: dict[tuple, Tensor] = {}
+
+
+def _acc_dtype(ref: Tensor) -> torch.dtype:
+    return torch.float64 if ref.dtype == torch.float64 else torch.float32
+
+
+def converted_vector(v: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``v.to(device, dtype)``, cached per (tensor, version, device, dtype) for tensors that need no gradient."""
+    if v.device == device and v.dtype == dtype:
+        return v
+    if v.requires_grad or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(v):
+        return v.to(device=device, dtype=dtype)
+    key = (id(v), device, dtype)
+    hit = _CONVERTED.get(key)
+    if hit is not None and hit[0]() is v and hit[1] == v._version:
+        return hit[2]
+    out = v.detach().to(device=device, dtype=dtype)
+    _CONVERTED[key] = (weakref.ref(v, lambda _, k=key: _CONVERTED.pop(k, None)), v._version, out)
+    return out
+
+
 def _class_vector(v, name: str, n: int, ref: Tensor) -> Optional[Tensor]:
     if v is None:
         return None
-    if isinstance(v, (int, float)):  # a scalar applies to every class
-        return torch.full((n,), float(v), dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32,
-                          device=ref.device)
+    if isinstance(v, (int, float)):  # a scalar applies to every class (one tensor per value, shape and device)
+        key = (float(v), n, ref.device, _acc_dtype(ref))
+        out = _CONSTANT.get(key)
+        if out is None:
+            if len(_CONSTANT) > 256:
+                _CONSTANT.clear()
+            out = _CONSTANT[key] = torch.full((n,), float(v), dtype=key[3], device=ref.device)
+        return out
     if not isinstance(v, Tensor):
         v = torch.as_tensor(v, dtype=torch.float64)
     if v.dim() != 1 or v.shape[0] != n:
@@ -69,7 +102,8 @@ def _class_vector(v, name: str, n: int, ref: Tensor) -> Optional[Tensor]:
         raise ValueError(f"{name} is on {v.device} but the input is on {ref.device}")
     if not v.is_floating_point():
         v = v.to(torch.float32)
-    return v
+    # the kernel reads acc-typed vectors: convert here, once per source tensor (the op would on every call)
+    return converted_vector(v, ref.device, _acc_dtype(ref))
 
 
 def _checked_target(input: Tensor, target: Tensor, reduction: str, label_smoothing: float) -> Tensor:
@@ -176,7 +210,10 @@ def margin_cross_entropy(
             the gradient flows into ``row_shift``.
         cloud: per-class cloud size delta_j; enables the Gaussian cloud (GCL). ``noise`` injects the raw
             N(0, 1/3) draw (before clamp and abs) instead of the in-kernel Philox generator, keyed by
-            ``seed`` (from ``generator`` when None) and ``offset``.
+            ``seed`` and ``offset``. Without ``seed``: on the CPU the seed is drawn from ``generator`` (a CPU
+            generator; default torch's global one), on CUDA the kernel takes the Philox state of ``generator``
+            (a CUDA generator; default the device's), advancing it as dropout does, so that
+            ``torch.manual_seed`` reproduces a run and every replay of a captured CUDA graph draws fresh noise.
         angular: ``'linear'`` or an angular-margin mode (``'arcface'``, ``'arcface_easy'``,
             ``'gclang'``, ``'gclang_easy'``); ``angular_eps`` is GCLAng's epsilon.
 
@@ -195,8 +232,16 @@ def margin_cross_entropy(
     n, c = input.shape
     if noise is not None and tuple(noise.shape) != (n, c):
         raise ValueError(f"noise must have the input's shape {(n, c)}, got {tuple(noise.shape)}")
+    cuda_generator = None  # None also when passed: the op then takes the input device's default CUDA generator
     if cloud is not None and noise is None and seed is None:
-        seed = draw_seed(generator)
+        if input.is_cuda and (generator is None or generator.device.type == "cuda"):
+            # the kernel takes the CUDA generator's Philox state (graph-safe: fresh noise per replay);
+            # ranks draw from distinct streams, as draw_seed mixes the rank into a CPU-drawn seed
+            cuda_generator = generator
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                offset = int(offset) + (torch.distributed.get_rank() << 40)
+        else:
+            seed = draw_seed(generator)
 
     red = _ops.REDUCTIONS[reduction]
     focal = _ops.FOCAL_OFF
@@ -215,11 +260,11 @@ def margin_cross_entropy(
                                _ops.MARGIN_CE_VECTORS)]
     compute_grad = torch.is_grad_enabled() and (
         input.requires_grad or (row_shift is not None and row_shift.requires_grad))
-    # Positional, in the order of the op's schema (csrc/include/ltk/margin_ce_args.h): a call with 23 keywords
+    # Positional, in the order of the op's schema (csrc/include/ltk/margin_ce_args.h): a call with 24 keywords
     # costs ~1 us more, against ~30 us for a whole 128 x 100 training step. test_margin_ce's
     # test_functional_packs_every_argument_in_schema_order holds this list to the schema.
     loss, _, _ = _ops.callable_of(_MARGIN_CE)(
         input, target, col_scale, col_bias, margin, target_scale, weight, row_shift, shift_coef, cloud, noise, seed,
         float(scale), float(noise_mul), float(angular_eps), int(offset), _ops.ANGULAR[angular], red, focal, gamma,
-        int(ignore_index), float(label_smoothing), bool(compute_grad))
+        int(ignore_index), float(label_smoothing), bool(compute_grad), cuda_generator)
     return loss

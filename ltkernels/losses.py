@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference as _ref
-from .functional import cross_entropy, margin_cross_entropy
+from .functional import converted_vector, cross_entropy, margin_cross_entropy
 
 __all__ = [
     "CrossEntropyLoss", "LDAMLoss", "KPSLoss", "LogitAdjustLoss", "BalancedSoftmaxLoss", "CosFaceLoss",
@@ -28,8 +28,12 @@ def _on_device_of(v, input: Tensor):
     # Modules keep their per-class vectors as CPU float64 buffers until moved with .to(); users may also
     # pass a `weight` that lives elsewhere. The functional API is strict about devices, modules follow
     # the input like the official code does.
+    # Converted to the kernel's accumulation dtype too, once per buffer version (functional.converted_vector):
+    # not a copy per call.
+    if isinstance(v, Tensor) and v.is_floating_point():
+        return converted_vector(v, input.device, torch.float64 if input.dtype == torch.float64 else torch.float32)
     if isinstance(v, Tensor) and v.device != input.device:
-        return v.to(input.device, non_blocking=True)
+        return converted_vector(v, input.device, v.dtype)
     return v
 
 

@@ -54,35 +54,6 @@ LAYOUTS = ("out_in", "in_out")
 EPS = 1e-12
 DIST_EPS = 1e-12
 
-_registered = False
-
-
-def _ensure_registered() -> None:
-    """Loads ``ltkernels._C`` and registers fake kernel and autograd of ``ltkernels::uniformity`` (once)."""
-    global _registered
-    if _registered:
-        return
-    from . import _ops  # noqa: F401  (loads ltkernels._C)
-
-    @torch.library.register_fake("ltkernels::uniformity")
-    def _uniformity_fake(weight, kernel, param, eps=EPS, dist_eps=DIST_EPS, block=0, compute_grad=False):
-        torch._check(weight.dim() == 2, lambda: f"uniformity: weight must be 2-D (C, D), got {tuple(weight.shape)}")
-        grad = weight.new_empty(weight.shape) if compute_grad else weight.new_empty((0,))
-        return weight.new_empty(()), grad
-
-    def _setup(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-
-    def _backward(ctx, grad_value, _grad_grad):
-        (grad,) = ctx.saved_tensors
-        if grad.dim() != 2:
-            raise RuntimeError("uniformity: backward needs compute_grad=True in the forward call (use "
-                               "ltkernels.regularisers.uniformity, which sets it when weight requires grad)")
-        return grad * grad_value.to(grad.dtype), None, None, None, None, None, None
-
-    torch.library.register_autograd("ltkernels::uniformity", _backward, setup_context=_setup)
-    _registered = True
-
 
 # ---------------------------------------------------------------------------------------------------
 # Hyperspherical uniformity
@@ -135,7 +106,7 @@ def uniformity(weight: Tensor, kernel: str = "gaussian", t: float = 2.0, s: floa
     w, param = _uniformity_args(weight, kernel, t, s, layout, eps, dist_eps, "uniformity")
     if not (isinstance(block, int) and (block == 0 or block >= 2)):
         raise ValueError(f"uniformity: block must be 0 (automatic) or an int >= 2, got {block!r}")
-    _ensure_registered()
+    from . import _ops  # noqa: F401  (loads the extension and its registrations; this module imports without it)
     compute_grad = torch.is_grad_enabled() and w.requires_grad
     return torch.ops.ltkernels.uniformity(w, UNIFORMITY_KERNELS[kernel], param, float(eps), float(dist_eps),
                                           int(block), compute_grad)[0]

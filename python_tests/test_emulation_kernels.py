@@ -46,6 +46,9 @@ needs_ops = pytest.mark.skipif(ops is None, reason="ltkernels._C not built (tool
 # Every __global__ kernel of csrc/cuda/*.cuh -> the test in this module that runs it through the emulator.
 KERNEL_COVERAGE = {
     "margin_ce_kernel": "test_margin_ce_shapes_dtypes",
+    "margin_ce_prologue_kernel": "test_margin_ce_shapes_dtypes",
+    "margin_ce_stream_kernel": "test_margin_ce_stream_edge_shapes",
+    "margin_ce_grad_scale_kernel": "test_margin_ce_grad_scale",
     "row_dot_kernel": "test_cosine_vec_dot",
     "col_dot_kernel": "test_cosine_vec_dot",
     "scale_kernel": "test_cosine_scale",
@@ -100,19 +103,21 @@ def margin_ce_flat_type(L):
     return _FLAT_TYPES[L.path]
 
 
-def flat_margin_ce(L, x, t, kw, p, P, row_loss, grad, grad_row_shift):
+def flat_margin_ce(L, x, t, kw, p, P, outputs):
     """The FlatMarginCe of one call: the inputs through P(tensor or None, name) -> address, the prepared
-    values p (_prepare), the output addresses as given."""
+    values p (_prepare), the output and device-scalar addresses ``outputs`` (a dict by field name)."""
     N, C = x.shape
     f = margin_ce_flat_type(L)()
     f.input, f.target = P(x, "input"), P(t, "target")
-    for k in (*VECTORS, "noise", "inv_denom"):
+    for k in (*VECTORS, "noise"):
         setattr(f, k, P(p[k], k))
-    f.row_loss, f.grad, f.grad_row_shift = row_loss, grad, grad_row_shift
+    for k, v in outputs.items():
+        setattr(f, k, v)
     f.scale, f.noise_mul, f.angular_eps = kw["scale"], kw["noise_mul"], kw["angular_eps"]
-    f.gamma, f.smoothing, f.weight_sum = kw["gamma"], kw["label_smoothing"], p["weight_sum"]
+    f.gamma, f.smoothing = kw["gamma"], kw["label_smoothing"]
     f.seed, f.offset = p["seed"], kw["offset"]
-    f.angular, f.focal, f.ignore_index, f.N, f.C = kw["angular"], kw["focal"], kw["ignore_index"], N, C
+    f.angular, f.focal, f.ignore_index, f.reduction, f.N, f.C = (
+        kw["angular"], kw["focal"], kw["ignore_index"], kw["reduction"], N, C)
     return f
 
 
@@ -164,57 +169,79 @@ def margin_ce_case(N, C, dtype, *, seed=0, features=(), angular="linear", ignore
 
 
 def _prepare(x, t, kw):
-    """What margin_ce_common.cpp's prepare_margin_ce does on the CPU: vectors in the accumulation dtype,
-    1 / denominator of the reduction, sum of the weights for label smoothing, the seed."""
-    N, C = x.shape
+    """What margin_ce_common.cpp's prepare_margin_ce does for a device: vectors in the accumulation dtype
+    and the seed (the kernels' prologue computes the reduction's denominator and the weight sum)."""
     acc = _acc(x.dtype)
     p = {k: (kw[k].to(acc).contiguous() if kw[k] is not None else None) for k in (*VECTORS, "noise")}
-    valid = t != kw["ignore_index"]
-    if kw["reduction"] == 2:
-        if kw["weight"] is not None:
-            denom = float(kw["weight"].double()[t[valid]].sum()) if valid.any() else 0.0
-        else:
-            denom = float(valid.sum())
-    elif kw["reduction"] == 3:
-        denom = float(N)
-    else:
-        denom = 1.0
-    p["inv_denom"] = torch.tensor([1.0 / denom if denom else float("inf")], dtype=acc)
-    p["weight_sum"] = (float(kw["weight"].double().sum()) if kw["weight"] is not None else float(C)) \
-        if kw["label_smoothing"] else 0.0
     p["seed"] = int(kw["seed"].item()) if kw["seed"] is not None else 0
     return p
 
 
-def emu_margin_ce(L, x, t, kw, compute_grad=True, guard=True):
-    """The emulated CUDA kernel: (reduced loss, grad, grad_row_shift, row_loss), reduced like
-    margin_ce_common.cpp's reduce_row_losses."""
+def emu_margin_ce(L, x, t, kw, compute_grad=True, guard=True, philox_ptrs=None, plan=None, offsets=(0, 0)):
+    """The emulated CUDA forward (prologue + row kernel, which reduces): (loss, grad, grad_row_shift,
+    row_loss). An empty batch is the host's (margin_ce_common.h's run_margin_ce), which launches nothing.
+    philox_ptrs: (seed, offset, offset_intragraph) read by the kernel from device memory, as under CUDA
+    graph capture. plan: a dict that receives the launch plan, the row kernel ("stream" or "generic") and its
+    threads per block, as launch_margin_ce decides them. offsets: (input, grad) start offsets in elements
+    into their buffers (a view into a larger tensor: rows with another alignment)."""
     N, C = x.shape
     acc = _acc(x.dtype)
     p = _prepare(x, t, kw)
-    G = guarded if guard else (lambda v: v.clone())
+    G = guarded if guard else (lambda v, **k: v.clone())
     keep = []
+    none = kw["reduction"] == 0
 
     def P(v, name=None):
         if v is None:
             return None
-        v = G(v.contiguous())
+        v = G(v.contiguous(), name=name)
         keep.append(v)
         return v.data_ptr()
 
+    pads = []
+
+    def shifted(v, k, name):
+        """v as a view starting k elements past a 16-byte boundary. Guarded buffers end at a page, so their
+        start's alignment is set by their size: q trailing padding elements (NaN, checked untouched
+        afterwards) set it; q = 0 leaves the view against the guard page."""
+        es = v.element_size()
+        q = next(q for q in range(16) if (-(q + v.numel()) * es) % 16 == (k * es) % 16)
+        buf = G(torch.cat([v.reshape(-1), torch.full((q,), float("nan"), dtype=v.dtype)]), name=name,
+                init=None if bool(v.isnan().all()) else True)
+        keep.append(buf)
+        pads.append(buf[v.numel():])
+        out = buf[:v.numel()].view(v.shape)
+        assert not guard or out.data_ptr() % 16 == (k * es) % 16
+        return out
+
     row_loss = G(torch.full((N,), float("nan"), dtype=acc))
-    grad = G(torch.full((N, C), float("nan"), dtype=x.dtype)) if compute_grad else None
+    grad = shifted(torch.full((N, C), float("nan"), dtype=x.dtype), offsets[1], "grad") if compute_grad else None
     gshift = G(torch.full((N,), float("nan"), dtype=acc)) if (compute_grad and p["row_shift"] is not None) else None
-    f = flat_margin_ce(L, x, t, kw, p, P, row_loss.data_ptr(), grad.data_ptr() if grad is not None else None,
-                       gshift.data_ptr() if gshift is not None else None)
+    loss_out = G(torch.full((N,) if none else (1,), float("nan"), dtype=x.dtype))
+    nbytes = L.ltk_emu_margin_ce_scalars_bytes(DTYPE_CODE[x.dtype])
+    scalars = G(torch.zeros(nbytes, dtype=torch.uint8), init=False)
+    outputs = dict(row_loss=row_loss.data_ptr(), grad=grad.data_ptr() if grad is not None else None,
+                   grad_row_shift=gshift.data_ptr() if gshift is not None else None,
+                   loss_out=loss_out.data_ptr(), scalars=scalars.data_ptr())
+    if philox_ptrs is not None:
+        s_, o_, intra = philox_ptrs
+        outputs["seed_ptr"] = P(torch.tensor([s_], dtype=torch.int64))
+        outputs["offset_ptr"] = P(torch.tensor([o_], dtype=torch.int64))
+        outputs["offset_intragraph"] = intra
+    f = flat_margin_ce(L, x, t, kw, p, P, outputs)
+    xs = shifted(x.contiguous(), offsets[0], "input")
+    f.input = xs.data_ptr()
+    if plan is not None:
+        stream, threads = ctypes.c_int(), ctypes.c_int()
+        L.call("ltk_emu_margin_ce_plan", DTYPE_CODE[x.dtype], ctypes.byref(f), ctypes.byref(stream), ctypes.byref(threads))
+        plan.update(kernel="margin_ce_stream_kernel" if stream.value else "margin_ce_kernel", threads=threads.value)
     L.call("ltk_emu_margin_ce", DTYPE_CODE[x.dtype], ctypes.byref(f))
-    if kw["reduction"] == 0:
-        loss = row_loss.to(x.dtype)
+    assert all(bool(pad.isnan().all()) for pad in pads), "the kernel wrote past the end of a buffer"
+    if N == 0:
+        loss = torch.empty(0, dtype=x.dtype) if none else torch.tensor(0.0 if kw["reduction"] == 1 else float("nan"),
+                                                                       dtype=x.dtype)
     else:
-        total = row_loss.sum()
-        if kw["reduction"] != 1:
-            total = total * p["inv_denom"].reshape(())
-        loss = total.to(x.dtype)
+        loss = loss_out.clone() if none else loss_out.reshape(()).clone()
     return loss, grad, gshift, row_loss
 
 
@@ -226,8 +253,8 @@ def op_margin_ce(x, t, kw, device="cpu", compute_grad=True):
     return loss.cpu(), grad.cpu(), gshift.cpu()
 
 
-def _check_vs_op(L, x, t, kw, device="cpu"):
-    loss, grad, gshift, row_loss = emu_margin_ce(L, x, t, kw)
+def _check_vs_op(L, x, t, kw, device="cpu", plan=None, offsets=(0, 0)):
+    loss, grad, gshift, row_loss = emu_margin_ce(L, x, t, kw, plan=plan, offsets=offsets)
     r_loss, r_grad, r_gshift = op_margin_ce(x, t, kw, device=device)
     tol = _tol(x.dtype)
     torch.testing.assert_close(loss, r_loss, **tol, equal_nan=True)
@@ -249,11 +276,15 @@ def test_margin_ce_shapes_dtypes(L, N, C, dtype):
     columns = 1024), N = 1; class scale + margin + weights, weighted mean."""
     x, t, kw = margin_ce_case(N, C, dtype, features=("scale", "col_scale", "margin", "weight"))
     emu.clear_launches()
-    _check_vs_op(L, x, t, kw)
-    (rec,) = emu.launches()
-    assert "margin_ce_kernel" in rec["kernel"]
+    plan = {}
+    _check_vs_op(L, x, t, kw, plan=plan)
+    pro, rec = emu.launches()  # the prologue (scalars), then the rows
+    assert "margin_ce_prologue_kernel" in pro["kernel"] and pro["grid"] == (1, 1, 1)
+    # fp32 runs the stream kernel for these features; the other dtypes the generic one
+    assert plan["kernel"] == ("margin_ce_stream_kernel" if dtype == torch.float32 else "margin_ce_kernel")
+    assert f"::{plan['kernel']}<" in rec["kernel"]
     assert rec["grid"] == (N, 1, 1)
-    assert rec["block"] == (L.ltk_emu_margin_ce_threads(ctypes.c_longlong(C)), 1, 1)
+    assert rec["block"] == (plan["threads"], 1, 1)
 
 
 @needs_ops
@@ -320,6 +351,105 @@ FEATURES = {
 def test_margin_ce_features(L, feat, dtype, N, C):
     x, t, kw = margin_ce_case(N, C, dtype, features=FEATURES[feat])
     _check_vs_op(L, x, t, kw)
+
+
+# One case per instantiation of the stream kernel (its kFeat, cuda/margin_ce_stream.cuh), with the per-row
+# options (margin, target scale, weights, focal) spread over them.
+STREAM_FEATURES = {
+    0: (("scale", "margin", "weight"), dict(reduction=2)),
+    1: (("col_scale", "target_scale", "margin"), dict(reduction=0)),
+    2: (("col_bias", "margin"), dict(reduction=3, focal=1, gamma=2.0)),
+    3: (("col_scale", "col_bias", "weight"), dict(reduction=1, focal=2, gamma=1.5)),
+    4: (("shift", "scale", "weight"), dict(reduction=2)),
+    8: (("cloud_philox", "scale", "margin"), dict(reduction=2)),
+    10: (("cloud_philox", "col_bias", "margin"), dict(reduction=0)),
+}
+
+
+@needs_ops
+@pytest.mark.parametrize("feat", sorted(STREAM_FEATURES))
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+@pytest.mark.parametrize("N,C", [(1, 1), (3, 7), (4, 1030), (3, 2500)])
+@pytest.mark.parametrize("offsets", [(0, 0), (1, 1), (2, 0)], ids=["aligned", "offset1", "input_only"])
+def test_margin_ce_stream_edge_shapes(L, feat, dtype, N, C, offsets):
+    """The stream kernel, every instantiation: C = 1, C % 4 != 0, C spanning several block strides (256
+    threads x 4 or 8 columns), N = 1, ignore_index rows, and rows that are not 16-byte aligned (the input and
+    the gradient offset by one element: 4- or 2-byte pieces; fp32 input two elements off: 8-byte pieces, the
+    (N, 8142) case; an input aligned unlike the gradient)."""
+    features, extra = STREAM_FEATURES[feat]
+    x, t, kw = margin_ce_case(N, C, dtype, features=features, ignore=True)
+    kw.update(extra)
+    plan = {}
+    emu.clear_launches()
+    _check_vs_op(L, x, t, kw, plan=plan, offsets=offsets)
+    assert plan["kernel"] == "margin_ce_stream_kernel"
+    rec = emu.launches()[-1]
+    assert f"margin_ce_stream_kernel<{feat}," in rec["kernel"]
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+def test_margin_ce_stream_loads_16_bytes_on_aligned_rows(L, dtype):
+    """The memory model sees the widths the stream kernel moves: 16-byte input loads and gradient stores on
+    aligned rows and on rows 2 elements off (their chunks start at the first 16-byte boundary); with the
+    cloud (whose chunks start at column 0) rows 2 elements off move in 8-byte (fp32: the (N, 8142) layout) or
+    4-byte (bf16) pieces."""
+    N, C = 1, 8142 if dtype == torch.float32 else 8144  # one row: its alignment is the offset's
+    widths = {}
+    for off, cloud in ((0, False), (2, False), (0, True), (2, True)):
+        x, t, kw = margin_ce_case(N, C, dtype, features=("scale", "margin") + (("cloud_philox",) if cloud else ()))
+        emu.model_launches()
+        with emu.options(model=True):
+            emu_margin_ce(L, x, t, kw, offsets=(off, off))
+        rec = emu.model_launches()[-1]
+        widths[off, cloud] = {op: max(s["width"] for s in rec["sites"] if s["region"] == region and s["op"] == op)
+                              for region, op in (("input", "read"), ("grad", "write"))}
+    v16 = {"read": 16, "write": 16}
+    assert widths[0, False] == widths[2, False] == widths[0, True] == v16, widths
+    assert widths[2, True] == ({"read": 8, "write": 8} if dtype == torch.float32 else {"read": 4, "write": 4}), widths
+
+
+@needs_ops
+def test_margin_ce_stream_philox_from_device_pointers(L):
+    """Under CUDA graph capture the kernel reads the Philox seed and offset from device memory (plus the
+    intra-graph offset): the same draw as the values passed directly, another offset another draw."""
+    x, t, kw = margin_ce_case(3, 70, torch.float32, features=("cloud_philox", "scale", "margin"))
+    kw["reduction"] = 0
+    direct, gd, _, _ = emu_margin_ce(L, x, t, kw)
+    seed = int(kw["seed"])
+    kw2 = dict(kw, offset=0)
+    ptr, gp, _, _ = emu_margin_ce(L, x, t, kw2, philox_ptrs=(seed, 10, 7))  # 10 + 7 = 17, kw's offset
+    torch.testing.assert_close(ptr, direct, rtol=0, atol=0)
+    torch.testing.assert_close(gp, gd, rtol=0, atol=0)
+    other, _, _, _ = emu_margin_ce(L, x, t, kw2, philox_ptrs=(seed, 10, 8))
+    assert not torch.allclose(other, direct)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,C", [(1, 1), (3, 7), (5, 1030)])
+@pytest.mark.parametrize("go", ["one", "scalar", "per_row"])
+def test_margin_ce_grad_scale(L, dtype, N, C, go):
+    """The backward's in-place scale: grad *= grad_output (scalar or per row), exactly as ATen's multiply;
+    a scalar 1 leaves the gradient untouched. A cap of 2 blocks makes the grid-stride loop wrap."""
+    g = torch.Generator().manual_seed(N * C)
+    grad = torch.randn(N, C, generator=g, dtype=torch.float64).to(dtype)
+    if go == "one":
+        gout = torch.ones((), dtype=dtype)
+    elif go == "scalar":
+        gout = torch.tensor(-2.75, dtype=dtype)
+    else:
+        gout = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
+    want = grad * (gout.unsqueeze(1) if go == "per_row" else gout)
+    buf = guarded(grad, name="grad")
+    gbuf = guarded(gout.reshape(-1), name="grad_output")
+    emu.clear_launches()
+    L.call("ltk_emu_margin_ce_grad_scale", DTYPE_CODE[dtype], ctypes.c_void_p(buf.data_ptr()),
+           ctypes.c_void_p(gbuf.data_ptr()), ctypes.c_longlong(N), ctypes.c_longlong(C), int(go == "per_row"),
+           ctypes.c_longlong(2))
+    torch.testing.assert_close(buf, want, rtol=0, atol=0)
+    (rec,) = emu.launches()
+    assert "margin_ce_grad_scale_kernel" in rec["kernel"] and rec["grid"][0] <= 2
 
 
 @needs_ops
@@ -598,7 +728,11 @@ def test_registered_kernels_really_launch(L):
     """Runs one small case of each family and checks the launch log names every registered kernel."""
     emu.clear_launches()
     x, t, kw = margin_ce_case(2, 10, torch.float32)
-    emu_margin_ce(L, x, t, kw)
+    emu_margin_ce(L, x, t, kw)  # the stream kernel
+    emu_margin_ce(L, x.double(), t, kw)  # the generic one
+    gs, go = guarded(torch.randn(2, 10)), guarded(torch.full((1,), 3.0))
+    L.call("ltk_emu_margin_ce_grad_scale", DTYPE_CODE[torch.float32], ctypes.c_void_p(gs.data_ptr()),
+           ctypes.c_void_p(go.data_ptr()), ctypes.c_longlong(2), ctypes.c_longlong(10), 0, ctypes.c_longlong(4))
     a = torch.randn(6, 5, dtype=torch.float64)
     out = torch.empty(6, dtype=torch.float64)
     g, norm, dst = a.clone(), torch.ones(6, dtype=torch.float64), a.clone()

@@ -22,9 +22,10 @@ import emu
 from emu import model
 
 N = 4  # rows (tools/cuda_model_report.py uses the same)
-# Input-load sector efficiency of margin_ce_kernel as recorded in bench/results/cuda_model.md (the scalar
-# kernel of c37ce96, before the vectorised one); a kernel change that lowers one of them fails below.
-BASELINE = {("float32", 100): 0.240, ("float32", 8142): 0.242, ("bfloat16", 100): 0.223, ("bfloat16", 8142): 0.232}
+# Input-load sector efficiency of the row kernel these shapes run (fp32: margin_ce_stream_kernel; bf16: the
+# generic margin_ce_kernel, until the stream kernel's half instantiations compile without spills) with LDAM-DRW
+# features, as recorded in bench/results/cuda_model.md; a kernel change that lowers one of them fails below.
+BASELINE = {("float32", 100): 0.931, ("float32", 8142): 0.968, ("bfloat16", 100): 0.223, ("bfloat16", 8142): 0.232}
 TARGET = 0.90
 SHAPES = [(torch.float32, 100), (torch.float32, 8142), (torch.bfloat16, 100), (torch.bfloat16, 8142)]
 
@@ -103,14 +104,19 @@ def test_margin_ce_sector_efficiency_not_below_baseline(L, dtype, C):
     assert f["input_efficiency"] >= base - 0.005, (
         f"margin_ce_kernel {f['dtype']} C={C}: input sector efficiency {100 * f['input_efficiency']:.1f} % fell below "
         f"the recorded baseline {100 * base:.1f} % (bench/results/cuda_model.md)")
-    assert f["input_passes"] == pytest.approx(2.0)  # pass 1 (softmax statistics) and pass 2 (gradient)
+    # pass 1 (softmax statistics) and pass 2 (gradient), plus (stream kernel) the target's element once per row
+    assert f["input_passes"] == pytest.approx(2.0 + (1.0 / C if dtype == torch.float32 else 0.0), abs=1e-6)
     assert f["shared_conflict"] == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="the bar for the vectorised margin_ce kernel (not written yet): input loads "
-                                       ">= 90 % sector efficiency; today's kernel is at ~24 % (cuda_model.md)")
-@pytest.mark.parametrize("dtype,C", SHAPES, ids=lambda v: str(v).replace("torch.", ""))
+_BF16 = pytest.mark.xfail(strict=True, reason="bf16 runs the generic scalar kernel (~23 %): the stream kernel's "
+                          "half instantiations spill under nvcc 13 and are not enabled yet")
+
+
+@pytest.mark.parametrize("dtype,C", [s if s[0] != torch.bfloat16 else pytest.param(*s, marks=_BF16)
+                                     for s in SHAPES], ids=lambda v: str(v).replace("torch.", ""))
 def test_margin_ce_sector_efficiency_target(L, dtype, C):
+    """The streaming kernel's bar: >= 90 % of the 32-byte sectors its input loads touch are used."""
     f = model.margin_ce_figures(dtype, N, C)
     assert f["input_efficiency"] >= TARGET
 

@@ -534,7 +534,7 @@ void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
       const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vsum);
       const acc_t w_t = a.weight ? a.weight[y] : acc_t(1);
       // log-sum-exp, target logit and smoothing sum all relative to the shift (see row_coefficients)
-      const RowCoef<acc_t> rc = row_coefficients<acc_t>(std::log(sum), z_t - shift, swz, w_t, a.weight_sum,
+      const RowCoef<acc_t> rc = row_coefficients<acc_t>(std::log(sum), z_t - shift, swz, w_t, *a.weight_sum,
                                                         a.smoothing, C, a.focal, a.gamma);
       a.row_loss[i] = rc.loss;
       if (!want_grad && !a.grad_row_shift) continue;

@@ -1,11 +1,13 @@
 // csrc/cuda/margin_ce_kernels.cuh through the emulator: the thin CPU-side counterpart of
 // csrc/cuda/margin_ce_cuda.cu. Python (test_emulation_kernels.py) prepares the arguments as
-// margin_ce_common.cpp does (accumulation-typed vectors, 1 / denominator, weight sum, seed) and passes
-// raw pointers in one flat struct; this fills MarginCeArgs and calls the real launch function.
+// margin_ce_common.cpp does (accumulation-typed vectors, the seed, the device buffers for the scalars and
+// the reduced loss) and passes raw pointers in one flat struct; this fills MarginCeArgs and calls the real
+// launch function (the prologue kernel, then the row kernel).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "common.h"
+#include "cuda/margin_ce_grad_scale.cuh"
 #include "cuda/margin_ce_kernels.cuh"
 #include "ltk/margin_ce_args.h"
 
@@ -16,9 +18,10 @@ namespace {
 #define LTK_EMU_VECTOR_FIELD(kind, name, len) F(ptr, name)
 #define LTK_EMU_FLAT_FIELDS                                                                         \
   F(ptr, input) F(ptr, target) LTK_MARGIN_CE_VECTOR_ARGS(LTK_EMU_VECTOR_FIELD, LTK_MCE_NOSEP)        \
-  F(ptr, noise) F(ptr, inv_denom) F(ptr, row_loss) F(ptr, grad) F(ptr, grad_row_shift)              \
-  F(f64, scale) F(f64, noise_mul) F(f64, angular_eps) F(f64, gamma) F(f64, smoothing) F(f64, weight_sum) \
-  F(u64, seed) F(u64, offset) F(i64, angular) F(i64, focal) F(i64, ignore_index) F(i64, N) F(i64, C)
+  F(ptr, noise) F(ptr, row_loss) F(ptr, grad) F(ptr, grad_row_shift) F(ptr, loss_out) F(ptr, scalars)     \
+  F(ptr, seed_ptr) F(ptr, offset_ptr) F(f64, scale) F(f64, noise_mul) F(f64, angular_eps) F(f64, gamma)    \
+  F(f64, smoothing) F(u64, seed) F(u64, offset) F(u64, offset_intragraph) F(i64, angular) F(i64, focal)    \
+  F(i64, ignore_index) F(i64, reduction) F(i64, N) F(i64, C)
 
 using ptr = const void*;
 using f64 = double;
@@ -32,8 +35,7 @@ struct FlatMarginCe {
 };
 
 template <typename scalar_t, typename acc_t>
-void run(const FlatMarginCe& f) {
-  ltk::MarginCeArgs<scalar_t, acc_t> a;
+void fill_args(const FlatMarginCe& f, ltk::MarginCeArgs<scalar_t, acc_t>& a) {
   auto v = [](const void* p) { return static_cast<const acc_t*>(p); };
   a.input = static_cast<const scalar_t*>(f.input);
   a.target = static_cast<const int64_t*>(f.target);
@@ -46,18 +48,31 @@ void run(const FlatMarginCe& f) {
   a.angular_eps = static_cast<acc_t>(f.angular_eps);
   a.seed = f.seed;
   a.offset = f.offset;
+  a.seed_ptr = static_cast<const int64_t*>(f.seed_ptr);
+  a.offset_ptr = static_cast<const int64_t*>(f.offset_ptr);
+  a.offset_intragraph = f.offset_intragraph;
   a.angular = static_cast<int>(f.angular);
   a.focal = static_cast<int>(f.focal);
   a.gamma = static_cast<acc_t>(f.gamma);
   a.ignore_index = f.ignore_index;
   a.smoothing = static_cast<acc_t>(f.smoothing);
-  a.weight_sum = static_cast<acc_t>(f.weight_sum);
-  a.inv_denom = v(f.inv_denom);
+  a.reduction = static_cast<int>(f.reduction);
+  auto* scalars = static_cast<ltk::MarginCeScalars<acc_t>*>(const_cast<void*>(f.scalars));
+  a.scalars = scalars;
+  a.inv_denom = &scalars->inv_denom;
+  a.weight_sum = &scalars->weight_sum;
   a.N = f.N;
   a.C = f.C;
   a.row_loss = static_cast<acc_t*>(const_cast<void*>(f.row_loss));
   a.grad = static_cast<scalar_t*>(const_cast<void*>(f.grad));
   a.grad_row_shift = static_cast<acc_t*>(const_cast<void*>(f.grad_row_shift));
+  a.loss_out = static_cast<scalar_t*>(const_cast<void*>(f.loss_out));
+}
+
+template <typename scalar_t, typename acc_t>
+void run(const FlatMarginCe& f) {
+  ltk::MarginCeArgs<scalar_t, acc_t> a;
+  fill_args(f, a);
   ltk::cuda::launch_margin_ce<scalar_t, acc_t>(a, nullptr);
 }
 
@@ -78,9 +93,55 @@ LTK_EMU_EXPORT int ltk_emu_margin_ce(int dtype, const FlatMarginCe* f) {
 
 LTK_EMU_EXPORT int ltk_emu_margin_ce_threads(long long C) { return ltk::cuda::margin_ce_threads(C); }
 
+// The row kernel launch_margin_ce picks for a call (*stream: 1 the stream kernel, 0 the generic one) and
+// its threads per block.
+LTK_EMU_EXPORT int ltk_emu_margin_ce_plan(int dtype, const FlatMarginCe* f, int* stream, int* threads) {
+  *stream = 0;
+  LTK_EMU_TRY({
+    auto plan = [&](auto tag) {
+      using scalar_t = decltype(tag);
+      ltk::MarginCeArgs<scalar_t, float> a;
+      fill_args(*f, a);
+      *stream = ltk::cuda::stream_features(a) >= 0;
+      *threads = *stream ? ltk::cuda::margin_ce_stream_threads<scalar_t>(f->C) : ltk::cuda::margin_ce_threads(f->C);
+    };
+    switch (dtype) {
+      case 0: plan(float()); break;
+      case 1: *threads = ltk::cuda::margin_ce_threads(f->C); break;
+      case 2: plan(c10::Half()); break;
+      case 3: plan(c10::BFloat16()); break;
+      default: throw std::invalid_argument("ltk_emu_margin_ce_plan: unknown dtype code");
+    }
+  })
+}
+
+// sizeof(MarginCeScalars<acc_t>) for dtype code `dtype` (the device buffer the prologue kernel writes).
+LTK_EMU_EXPORT int ltk_emu_margin_ce_scalars_bytes(int dtype) {
+  return dtype == 1 ? int(sizeof(ltk::MarginCeScalars<double>)) : int(sizeof(ltk::MarginCeScalars<float>));
+}
+
 // "input:ptr,target:ptr,...": FlatMarginCe's fields in order, for the ctypes mirror.
 LTK_EMU_EXPORT const char* ltk_emu_margin_ce_layout() {
 #define F(ctype, name) #name ":" #ctype ","
   return LTK_EMU_FLAT_FIELDS;
 #undef F
+}
+
+// cuda/margin_ce_grad_scale.cuh's launch: grad (N, C) of dtype code `dtype` *= go (dtype too).
+LTK_EMU_EXPORT int ltk_emu_margin_ce_grad_scale(int dtype, void* grad, const void* go, long long N, long long C,
+                                                int per_row, long long max_blocks) {
+  LTK_EMU_TRY({
+    auto run_scale = [&](auto tag) {
+      using scalar_t = decltype(tag);
+      ltk::cuda::launch_margin_ce_grad_scale<scalar_t>(static_cast<scalar_t*>(grad), static_cast<const scalar_t*>(go),
+                                                       N, C, per_row != 0, max_blocks, nullptr);
+    };
+    switch (dtype) {
+      case 0: run_scale(float()); break;
+      case 1: run_scale(double()); break;
+      case 2: run_scale(c10::Half()); break;
+      case 3: run_scale(c10::BFloat16()); break;
+      default: throw std::invalid_argument("ltk_emu_margin_ce_grad_scale: unknown dtype code");
+    }
+  })
 }

@@ -87,7 +87,7 @@ MARGIN_CE_FEATURES = ("scale", "margin", "weight")  # LDAM-DRW: per-class margin
 
 
 def run_margin_ce(dtype: torch.dtype, N: int, C: int, features=MARGIN_CE_FEATURES, lib=None) -> dict:
-    """One emulated margin_ce launch (loss and gradient) with the model on; returns its launch record, the
+    """One emulated margin_ce forward (loss and gradient) with the model on; returns the row kernel's launch record, the
     buffers named input, target, grad, row_loss, weight, margin, ... as in MarginCeArgs. The sanitizer
     checks the same launch (outputs are registered as unwritten)."""
     import test_emulation_kernels as K
@@ -107,17 +107,23 @@ def run_margin_ce(dtype: torch.dtype, N: int, C: int, features=MARGIN_CE_FEATURE
         return emu.ptr(g, init=init, name=name).value
 
     acc = K._acc(dtype)
-    f = K.flat_margin_ce(L, x, t, kw, p, G, None, None, None)
-    f.row_loss = G(torch.empty(N, dtype=acc), "row_loss", init=False)
-    f.grad = G(torch.empty(N, C, dtype=dtype), "grad", init=False)
-    f.grad_row_shift = G(torch.empty(N, dtype=acc), "grad_row_shift", init=False) if p["row_shift"] is not None \
-        else None
+    none = kw["reduction"] == 0
+    outputs = dict(
+        row_loss=G(torch.empty(N, dtype=acc), "row_loss", init=False),
+        grad=G(torch.empty(N, C, dtype=dtype), "grad", init=False),
+        grad_row_shift=G(torch.empty(N, dtype=acc), "grad_row_shift", init=False) if p["row_shift"] is not None
+        else None,
+        loss_out=G(torch.empty(N if none else 1, dtype=dtype), "loss_out", init=False),
+        scalars=G(torch.empty(L.ltk_emu_margin_ce_scalars_bytes(K.DTYPE_CODE[dtype]), dtype=torch.uint8), "scalars",
+                  init=False))
+    f = K.flat_margin_ce(L, x, t, kw, p, G, outputs)
     emu.model_launches()  # drop anything recorded before
     with emu.options(model=True):
         L.call("ltk_emu_margin_ce", K.DTYPE_CODE[dtype], ctypes.byref(f))
     launches = emu.model_launches()
-    assert len(launches) == 1 and "margin_ce_kernel" in launches[0]["kernel"], launches
-    return launches[0]
+    # the prologue (one block: the call's scalars), then the row kernel, which the figures are about
+    assert len(launches) == 2 and "margin_ce_prologue_kernel" in launches[0]["kernel"], launches
+    return launches[1]
 
 
 def margin_ce_figures(dtype: torch.dtype, N: int, C: int, features=MARGIN_CE_FEATURES) -> dict:

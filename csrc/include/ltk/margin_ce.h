@@ -30,6 +30,16 @@ enum Reduction : int { LTK_REDUCTION_CODES(LTK_CODE_ENUMERATOR) };
 enum Focal : int { LTK_FOCAL_CODES(LTK_CODE_ENUMERATOR) };
 enum Angular : int { LTK_ANGULAR_CODES(LTK_CODE_ENUMERATOR) };
 
+// The scalars of a call that a device computes for itself (the kernels' prologue; ltk/margin_ce.h's
+// MarginCeArgs points at them): nothing computed on a device is read back by the host.
+template <typename acc_t>
+struct MarginCeScalars {
+  double inv_denom_d;   // 1 / the reduction's denominator, in double for the final sum
+  acc_t inv_denom;      // the same in acc_t, for the gradient
+  acc_t weight_sum;     // sum_j w_j (C when no weight): label smoothing's normaliser
+  unsigned blocks_done; // blocks of the main kernel that finished (the last one reduces the row losses)
+};
+
 // Raw-pointer view of one call. Per-class vectors (length C) and row vectors (length N) are acc_t and
 // contiguous; a null pointer means "absent" (r = 1, b = 0, m = 0, w = 1, t = 0, delta = 0).
 template <typename scalar_t, typename acc_t>
@@ -45,22 +55,48 @@ struct MarginCeArgs {
   acc_t scale = 1;
   acc_t noise_mul = 0;
   acc_t angular_eps = 0;  // GCLAng epsilon
+  // The Philox key and counter offset of the cloud noise: the values, or, under CUDA graph capture, device
+  // addresses read when the kernel runs (seed_ptr non-null: seed = *seed_ptr, offset = *offset_ptr +
+  // offset_intragraph), the scheme of at::PhiloxCudaState, so that each replay draws fresh noise.
   uint64_t seed = 0;
   uint64_t offset = 0;
+  const int64_t* seed_ptr = nullptr;
+  const int64_t* offset_ptr = nullptr;
+  uint64_t offset_intragraph = 0;
   int angular = kLinear;
   int focal = kFocalOff;
   acc_t gamma = 0;
   int64_t ignore_index = -100;
   acc_t smoothing = 0;
-  acc_t weight_sum = 0;  // sum_j w_j (C when no weight): label smoothing's normaliser
-  const acc_t* inv_denom = nullptr;  // device/host scalar: 1 / reduction denominator
+  int reduction = kReduceMean;
+  // Scalars in the kernel's memory (host memory on the CPU; on CUDA written by the prologue kernel, so that
+  // no value computed on the device is read back on the host):
+  const acc_t* inv_denom = nullptr;   // 1 / the reduction's denominator
+  const acc_t* weight_sum = nullptr;  // sum_j w_j (C when no weight): label smoothing's normaliser
   int64_t N = 0;
   int64_t C = 0;
   // outputs
   acc_t* row_loss = nullptr;       // (N,) per-row loss before the reduction's division
   scalar_t* grad = nullptr;        // (N, C) d(reduced loss)/d input, or null when not requested
   acc_t* grad_row_shift = nullptr; // (N,) d(reduced loss)/d t_i, or null
+  // CUDA only (null on the CPU, which reduces on the host): the reduced loss in the input dtype, (N,) for
+  // reduction none, else one value written by the last block to finish (scalars->blocks_done counts them;
+  // the prologue zeroes it), which adds the row losses up in a fixed order.
+  scalar_t* loss_out = nullptr;
+  MarginCeScalars<acc_t>* scalars = nullptr;
 };
+
+// The Philox (seed, offset) of a call, resolved where the kernel runs.
+template <typename scalar_t, typename acc_t>
+LTK_HD void philox_key(const MarginCeArgs<scalar_t, acc_t>& a, uint64_t& seed, uint64_t& offset) {
+  if (a.seed_ptr) {
+    seed = static_cast<uint64_t>(*a.seed_ptr);
+    offset = static_cast<uint64_t>(*a.offset_ptr) + a.offset_intragraph;
+  } else {
+    seed = a.seed;
+    offset = a.offset;
+  }
+}
 
 LTK_HD bool arcface_clamps(int angular) { return angular == kArcFace || angular == kArcFaceEasy; }
 

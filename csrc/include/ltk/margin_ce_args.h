@@ -12,6 +12,7 @@
 //           row math (ltk/transform.h) and a keyword of ltkernels.functional.margin_cross_entropy.
 //   OPT     an optional tensor with checks of its own (noise, seed)
 //   FLOAT, INT, BOOL  scalars; `extra` is the schema's default (a literal: it is also stringised)
+//   GEN     an optional torch.Generator (None: the device's default generator)
 // The vectors are listed on their own (LTK_MARGIN_CE_VECTOR_ARGS) for the code that only handles them.
 #pragma once
 
@@ -42,7 +43,8 @@
   SEP() X(FLOAT, gamma, 0.0)                                                                          \
   SEP() X(INT, ignore_index, -100)                                                                    \
   SEP() X(FLOAT, label_smoothing, 0.0)                                                                \
-  SEP() X(BOOL, compute_grad, false)
+  SEP() X(BOOL, compute_grad, false)                                                                  \
+  SEP() X(GEN, generator, )      /* CUDA: the Philox state of a cloud without seed/noise */
 // clang-format on
 
 // Separators for SEP.
