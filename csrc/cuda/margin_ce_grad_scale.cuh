@@ -1,11 +1,10 @@
 // margin_ce's backward on CUDA: the forward's gradient (for grad_output = 1) scaled in place by the
 // grad_output autograd passes in. grad_output stays on the device: a scalar 1 (loss.backward()) makes every
 // block return at once, so the common backward is one launch and no pass over N x C, without a host sync.
-// Otherwise a grid-stride loop over 16-byte chunks of the (contiguous) gradient, the rest element-wise.
+// Otherwise a grid-stride loop over the elements of the (contiguous) gradient.
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "ltk/launch.cuh"
@@ -22,40 +21,20 @@ __global__ void __launch_bounds__(kGradScaleThreads)
   using acc_t = std::conditional_t<sizeof(scalar_t) == 8, double, float>;
   const acc_t s0 = static_cast<acc_t>(go[0]);
   if (!per_row && s0 == acc_t(1)) return;
-  constexpr int K = 16 / static_cast<int>(sizeof(scalar_t));
+  // consecutive threads take consecutive elements (coalesced); the loop is memory-bound, so elements rather
+  // than 16-byte vectors (a vector through a local array spilled under nvcc 13)
   const int64_t total = N * C;
-  // elements before the first 16-byte boundary (grad may be a view), then whole chunks, then the rest
-  int64_t head = static_cast<int64_t>(((16 - (reinterpret_cast<uintptr_t>(grad) & 15)) & 15) / sizeof(scalar_t));
-  if (head > total) head = total;
-  const int64_t chunks = (total - head) / K;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  auto scale_one = [&](int64_t j) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < total; j += stride) {
     const acc_t s = per_row ? static_cast<acc_t>(go[j / C]) : s0;
     grad[j] = static_cast<scalar_t>(static_cast<acc_t>(grad[j]) * s);
-  };
-  for (int64_t j = first; j < head; j += stride) scale_one(j);
-  scalar_t* body = grad + head;
-  for (int64_t q = first; q < chunks; q += stride) {
-    uint4 raw = __ldg(reinterpret_cast<const uint4*>(body) + q);
-    scalar_t e[K];
-    memcpy(e, &raw, 16);
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const acc_t s = per_row ? static_cast<acc_t>(go[(head + q * K + k) / C]) : s0;
-      e[k] = static_cast<scalar_t>(static_cast<acc_t>(e[k]) * s);
-    }
-    memcpy(&raw, e, 16);
-    __stwb(reinterpret_cast<uint4*>(body) + q, raw);
   }
-  for (int64_t j = head + chunks * K + first; j < total; j += stride) scale_one(j);
 }
 
-// Blocks for N x C elements: one 16-byte chunk per thread, at most max_blocks (a few per SM: grid-stride).
+// Blocks for N x C elements: one element per thread, at most max_blocks (a few per SM: grid-stride).
 template <typename scalar_t>
 inline unsigned grad_scale_blocks(int64_t N, int64_t C, int64_t max_blocks) {
-  const int64_t chunks = (N * C * static_cast<int64_t>(sizeof(scalar_t)) + 15) / 16;
-  int64_t b = (chunks + kGradScaleThreads - 1) / kGradScaleThreads;
+  int64_t b = (N * C + kGradScaleThreads - 1) / kGradScaleThreads;
   if (b > max_blocks) b = max_blocks;
   return static_cast<unsigned>(b < 1 ? 1 : b);
 }
