@@ -177,12 +177,16 @@ def _prepare(x, t, kw):
     return p
 
 
+# cuda/margin_ce_stream.cuh's StreamPath values
+STREAM_PATHS = {0: "generic", 1: "warp_cached", 2: "block_cached", 3: "block_streaming"}
+
+
 def emu_margin_ce(L, x, t, kw, compute_grad=True, guard=True, philox_ptrs=None, plan=None, offsets=(0, 0)):
     """The emulated CUDA forward (prologue + row kernel, which reduces): (loss, grad, grad_row_shift,
     row_loss). An empty batch is the host's (margin_ce_common.h's run_margin_ce), which launches nothing.
     philox_ptrs: (seed, offset, offset_intragraph) read by the kernel from device memory, as under CUDA
-    graph capture. plan: a dict that receives the launch plan, the row kernel ("stream" or "generic") and its
-    threads per block, as launch_margin_ce decides them. offsets: (input, grad) start offsets in elements
+    graph capture. plan: a dict that receives the launch plan as launch_margin_ce decides it: the row
+    kernel, its path (STREAM_PATHS), threads per block and dynamic shared memory bytes. offsets: (input, grad) start offsets in elements
     into their buffers (a view into a larger tensor: rows with another alignment)."""
     N, C = x.shape
     acc = _acc(x.dtype)
@@ -232,9 +236,11 @@ def emu_margin_ce(L, x, t, kw, compute_grad=True, guard=True, philox_ptrs=None, 
     xs = shifted(x.contiguous(), offsets[0], "input")
     f.input = xs.data_ptr()
     if plan is not None:
-        stream, threads = ctypes.c_int(), ctypes.c_int()
-        L.call("ltk_emu_margin_ce_plan", DTYPE_CODE[x.dtype], ctypes.byref(f), ctypes.byref(stream), ctypes.byref(threads))
-        plan.update(kernel="margin_ce_stream_kernel" if stream.value else "margin_ce_kernel", threads=threads.value)
+        path, blocks, threads, smem = ctypes.c_int(), ctypes.c_longlong(), ctypes.c_int(), ctypes.c_longlong()
+        L.call("ltk_emu_margin_ce_plan", DTYPE_CODE[x.dtype], ctypes.byref(f), ctypes.byref(path), ctypes.byref(blocks),
+               ctypes.byref(threads), ctypes.byref(smem))
+        plan.update(kernel="margin_ce_stream_kernel" if path.value else "margin_ce_kernel", path=STREAM_PATHS[path.value],
+                    blocks=blocks.value, threads=threads.value, smem=smem.value)
     L.call("ltk_emu_margin_ce", DTYPE_CODE[x.dtype], ctypes.byref(f))
     assert all(bool(pad.isnan().all()) for pad in pads), "the kernel wrote past the end of a buffer"
     if N == 0:
@@ -283,8 +289,10 @@ def test_margin_ce_shapes_dtypes(L, N, C, dtype):
     # fp32 runs the stream kernel for these features; the other dtypes the generic one
     assert plan["kernel"] == ("margin_ce_stream_kernel" if dtype == torch.float32 else "margin_ce_kernel")
     assert f"::{plan['kernel']}<" in rec["kernel"]
-    assert rec["grid"] == (N, 1, 1)
-    assert rec["block"] == (plan["threads"], 1, 1)
+    assert rec["grid"] == (plan["blocks"], 1, 1) and rec["block"] == (plan["threads"], 1, 1)
+    assert rec["smem"] == plan["smem"]
+    if plan["kernel"] == "margin_ce_stream_kernel":  # one warp per row up to 1024 columns, cached up to 48 KiB
+        assert plan["path"] == ("warp_cached" if C <= 1024 else "block_cached" if C <= 12288 else "block_streaming")
 
 
 @needs_ops
@@ -369,13 +377,14 @@ STREAM_FEATURES = {
 @needs_ops
 @pytest.mark.parametrize("feat", sorted(STREAM_FEATURES))
 @pytest.mark.parametrize("dtype", [torch.float32], ids=str)
-@pytest.mark.parametrize("N,C", [(1, 1), (3, 7), (4, 1030), (3, 2500)])
+@pytest.mark.parametrize("N,C", [(1, 1), (3, 7), (9, 100), (4, 1030), (3, 2500), (2, 12301)])
 @pytest.mark.parametrize("offsets", [(0, 0), (1, 1), (2, 0)], ids=["aligned", "offset1", "input_only"])
 def test_margin_ce_stream_edge_shapes(L, feat, dtype, N, C, offsets):
-    """The stream kernel, every instantiation: C = 1, C % 4 != 0, C spanning several block strides (256
-    threads x 4 or 8 columns), N = 1, ignore_index rows, and rows that are not 16-byte aligned (the input and
-    the gradient offset by one element: 4- or 2-byte pieces; fp32 input two elements off: 8-byte pieces, the
-    (N, 8142) case; an input aligned unlike the gradient)."""
+    """The stream kernels, every instantiation and path: C = 1, C % 4 != 0, one warp per row with a last
+    block only partly used (9 rows, 8 per block), C spanning several block strides (256 threads x 4 or 8
+    columns), the streaming path beyond the 48 KiB logit cache, N = 1, ignore_index rows, and rows that are
+    not 16-byte aligned (the input and the gradient offset by one element: 4- or 2-byte pieces; fp32 input
+    two elements off: 8-byte pieces, the (N, 8142) case; an input aligned unlike the gradient)."""
     features, extra = STREAM_FEATURES[feat]
     x, t, kw = margin_ce_case(N, C, dtype, features=features, ignore=True)
     kw.update(extra)
@@ -383,6 +392,7 @@ def test_margin_ce_stream_edge_shapes(L, feat, dtype, N, C, offsets):
     emu.clear_launches()
     _check_vs_op(L, x, t, kw, plan=plan, offsets=offsets)
     assert plan["kernel"] == "margin_ce_stream_kernel"
+    assert plan["path"] == ("warp_cached" if C <= 1024 else "block_cached" if C <= 12288 else "block_streaming")
     rec = emu.launches()[-1]
     assert f"margin_ce_stream_kernel<{feat}," in rec["kernel"]
 

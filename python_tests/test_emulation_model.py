@@ -25,7 +25,7 @@ N = 4  # rows (tools/cuda_model_report.py uses the same)
 # Input-load sector efficiency of the row kernel these shapes run (fp32: margin_ce_stream_kernel; bf16: the
 # generic margin_ce_kernel, until the stream kernel's half instantiations compile without spills) with LDAM-DRW
 # features, as recorded in bench/results/cuda_model.md; a kernel change that lowers one of them fails below.
-BASELINE = {("float32", 100): 0.931, ("float32", 8142): 0.968, ("bfloat16", 100): 0.223, ("bfloat16", 8142): 0.232}
+BASELINE = {("float32", 100): 0.962, ("float32", 8142): 0.968, ("bfloat16", 100): 0.223, ("bfloat16", 8142): 0.232}
 TARGET = 0.90
 SHAPES = [(torch.float32, 100), (torch.float32, 8142), (torch.bfloat16, 100), (torch.bfloat16, 8142)]
 
@@ -104,8 +104,9 @@ def test_margin_ce_sector_efficiency_not_below_baseline(L, dtype, C):
     assert f["input_efficiency"] >= base - 0.005, (
         f"margin_ce_kernel {f['dtype']} C={C}: input sector efficiency {100 * f['input_efficiency']:.1f} % fell below "
         f"the recorded baseline {100 * base:.1f} % (bench/results/cuda_model.md)")
-    # pass 1 (softmax statistics) and pass 2 (gradient), plus (stream kernel) the target's element once per row
-    assert f["input_passes"] == pytest.approx(2.0 + (1.0 / C if dtype == torch.float32 else 0.0), abs=1e-6)
+    # fp32 (the stream kernel) at these C caches the logits in shared memory: pass 2 reads no input; the
+    # generic kernel reads it in pass 1 (softmax statistics) and again in pass 2 (gradient)
+    assert f["input_passes"] == pytest.approx(1.0 if dtype == torch.float32 else 2.0, abs=1e-6)
     assert f["shared_conflict"] == 1.0
 
 

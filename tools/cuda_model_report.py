@@ -103,12 +103,13 @@ def report() -> str:
           f"| {pct(f['global_efficiency'])} | {f['bytes_per_element']:.1f} | {f['input_passes']:.2f} "
           f"| {f['shared_conflict']:.2f} |")
     w("")
-    w("The stream kernel (csrc/cuda/margin_ce_stream.cuh): one block per row, each thread moves 16-byte chunks "
-      "starting at the row's first 16-byte boundary, so full chunks are one 128-bit access per lane and a warp's "
-      "request covers 512 contiguous bytes; the columns before that boundary and after the last full chunk are "
-      "read element by element. The input is read twice (pass 1: max and sum of exp; pass 2: gradient) plus the "
-      "target's element once per row. bf16 still runs the generic kernel (one scalar load at a time, lanes four "
-      "elements apart: ~23 %): the stream kernel's half instantiations spill under nvcc 13 and are not enabled.")
+    w("The stream kernels (csrc/cuda/margin_ce_stream.cuh): one warp per row up to 1024 columns (C = 100 here: "
+      "4 rows, one block of 4 warps), one block per row above; each lane moves 16-byte chunks starting at the "
+      "row's first 16-byte boundary, so full chunks are one 128-bit access per lane and a warp's request covers "
+      "512 contiguous bytes; the columns before that boundary and after the last full chunk are read element by "
+      "element. Pass 1 (max and sum of exp) keeps the row's logits in shared memory (up to 48 KiB per block), so "
+      "pass 2 (the gradient) reads no input: one pass over it. bf16 still runs the generic kernel (one scalar load "
+      "at a time, lanes four elements apart: ~23 %): the stream kernel's half instantiations are not enabled.")
     w("")
     w(f"**Target**: input sector efficiency >= {100 * TARGET:.0f} % (`test_margin_ce_sector_efficiency_target`; "
       "the bf16 rows are strict xfails until the stream kernel covers bf16); "

@@ -156,14 +156,8 @@ __global__ void __launch_bounds__(kMarginCeMaxThreads) margin_ce_kernel(MarginCe
   reduce_when_last_block(a, dred, last);
 }
 
-// Threads per row: enough for one group of four columns each, a multiple of the warp size, at most 256.
-inline int margin_ce_threads(int64_t C) {
-  const int64_t groups = (C + 3) / 4;
-  int64_t t = (groups + 31) / 32 * 32;
-  if (t < 32) t = 32;
-  if (t > kMarginCeMaxThreads) t = kMarginCeMaxThreads;
-  return static_cast<int>(t);
-}
+// Threads per row: enough for one group of four columns each.
+inline int margin_ce_threads(int64_t C) { return row_threads((C + 3) / 4, kMarginCeMaxThreads); }
 
 // The forward's launches: the prologue, then the rows (the stream kernel where it covers the call, else the
 // generic one). a.N > 0 (the host returns empty-batch results itself).

@@ -5,6 +5,7 @@
 //   reduce_when_last_block     called by every block of a row kernel after its rows: the last block to
 //                              finish adds the row losses up in a fixed order (so the loss is the same bits
 //                              on every run: no float atomics) and writes the reduced loss.
+//   row_threads                a row kernel's block size.
 // So a forward is two launches and the host reads nothing back (no synchronisation).
 #pragma once
 
@@ -18,6 +19,14 @@ namespace ltk {
 namespace cuda {
 
 constexpr int kMarginCePrologueThreads = 256;
+
+// Threads for a row of `units` work items (one each): a multiple of the warp size, 32 .. max_threads.
+inline int row_threads(int64_t units, int max_threads) {
+  int64_t t = (units + 31) / 32 * 32;
+  if (t < 32) t = 32;
+  if (t > max_threads) t = max_threads;
+  return static_cast<int>(t);
+}
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMarginCePrologueThreads) margin_ce_prologue_kernel(MarginCeArgs<scalar_t, acc_t> a) {

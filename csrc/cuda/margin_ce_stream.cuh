@@ -1,28 +1,37 @@
-// The specialised row kernel of the fused margin cross-entropy for the common case: the linear transform
-// (z = S (r_j c + b_j + t_i beta_j - pert_ij - m [j = y])), fp32 input, no label smoothing, cloud
-// noise (if any) from Philox. Which per-class vectors exist is a template parameter (kFeat, MarginCeFeat),
-// so the hot loops test no option; the host (launch_margin_ce_stream) picks the instantiation, and any other
-// call runs the generic kernel (margin_ce_kernels.cuh). Per-row quantities that do not depend on the column
-// (the target's logit and margin, the row scale, weights, focal terms) are computed once per row.
+// The specialised row kernels of the fused margin cross-entropy for the common case: the linear transform
+// (z = S (r_j c + b_j + t_i beta_j - pert_ij - m [j = y])), no label smoothing, cloud noise (if any) from
+// Philox. Which per-class vectors exist is a template parameter (kFeat, MarginCeFeat), so the hot loops
+// test no option; the host (plan_margin_ce_stream) picks the instantiation, and any other call runs the
+// generic kernel (margin_ce_kernels.cuh). Per-row quantities that do not depend on the column (the target's
+// logit and margin, the row scale, weights, focal terms) are computed once per row.
 //
-// One block per row; the row is read in chunks of 16 bytes (kChunk elements), thread t owning chunks t,
+// Who owns a row (the Rows policy) and where pass 2 finds the logits, by the row's length:
+//   small C (<= kWarpMaxCols)  RowPerWarp, cached: one warp per row, several rows per block, warp-shuffle
+//                              reductions without barriers; pass 1 keeps the row's logits in shared memory;
+//   medium C (cache fits)      RowPerBlock, cached: one block per row, logits cached as above;
+//   large C                    RowPerBlock, streaming: pass 2 re-reads the input and recomputes the logits.
+// Cached, pass 2 reads neither the input nor the cloud's per-class vector and draws no Philox noise.
+//
+// The row is read in chunks of 16 bytes (kChunk elements), lane t of the row's threads owning chunks t,
 // t + T, ... Chunks start at the row's first 16-byte boundary (column h < kChunk: an (N, 8142) fp32 tensor
 // starts every other row 8 bytes off), so every full chunk moves with one 128-bit load and store; the
 // columns before h (the head) and after the last full chunk (the tail) are two partial chunks read element
 // by element. Two cases keep h = 0 and move each chunk in smaller aligned pieces (8, 4 bytes or elements,
 // chosen per row, outside the loops): the cloud, whose Philox draws come in groups of four columns from
 // column 0, and gradient rows aligned unlike the input rows. The next chunk is loaded before the current
-// one's math.
+// one's math. Half-precision elements move as 32-bit words and are converted from their bit patterns, so no
+// array of c10::Half / BFloat16 objects is formed (the compiler would spill it to local memory).
 //
 // Each element costs one ex2 per pass: p = 2^((z - max) log2 e), the difference taken first so that, as in
 // PyTorch's softmax, logits sharing a large offset keep their exact differences. Pass 1 merges a chunk's
-// max into the running (max, sum) once per chunk (kChunk + 1 ex2 per chunk), pass 2 recomputes the logits
-// and writes the gradient (one ex2 per element). On the GPU ex2 is the MUFU instruction (ex2.approx.ftz:
-// relative error below 2^-22, denormal results flushed to 0); the emulator uses exp2f.
+// max into the running (max, sum) once per chunk (kChunk + 1 ex2 per chunk), pass 2 writes the gradient
+// (one ex2 per element). On the GPU ex2 is the MUFU instruction (ex2.approx.ftz: relative error below
+// 2^-22, denormal results flushed to 0); the emulator uses exp2f.
 #pragma once
 
+#include <c10/macros/Macros.h>  // CUDA_KERNEL_ASSERT
+
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "cuda/margin_ce_reduce.cuh"
@@ -36,14 +45,23 @@ namespace ltk {
 namespace cuda {
 
 constexpr int kStreamMaxThreads = 256;
+constexpr int kWarpRowsPerBlock = kStreamMaxThreads / 32;
+constexpr int kWarpMaxCols = 1024;                // one warp per row up to this many columns
+constexpr int64_t kRowCacheMaxBytes = 48 * 1024;  // a block's logit cache (no opt-in attribute needed)
 constexpr float kLog2eF = 1.4426950408889634f;
 
 // The per-element features of a call (bits of kFeat). Margin, target scale and weights are per row.
 enum MarginCeFeat : int { kFeatColScale = 1, kFeatColBias = 2, kFeatShift = 4, kFeatCloud = 8 };
 
 // The kFeat values that have an instantiation (the losses' combinations: CE / LDAM / KPS 0, LA bias,
-// FBL shift, GCL cloud, and their mixes with a class scale); launch_margin_ce_stream lists them.
-constexpr bool stream_instantiated(int f) { return f == 0 || f == 1 || f == 2 || f == 3 || f == 4 || f == 8 || f == 10; }
+// FBL shift, GCL cloud, and their mixes with a class scale), as X(F).
+#define LTK_STREAM_FEATURES(X) X(0) X(1) X(2) X(3) X(4) X(8) X(10)
+
+constexpr bool stream_instantiated(int f) {
+#define LTK_STREAM_IS(F) f == F ||
+  return LTK_STREAM_FEATURES(LTK_STREAM_IS) false;
+#undef LTK_STREAM_IS
+}
 
 __device__ __forceinline__ float fast_exp2(float x) {
 #if defined(__CUDA_ARCH__)
@@ -61,72 +79,121 @@ __device__ __forceinline__ float exp_diff(float d) { return fast_exp2(d * kLog2e
 template <typename scalar_t>
 constexpr int kChunk = 16 / static_cast<int>(sizeof(scalar_t));
 
-// kChunk elements at p (which is kWidth-byte aligned), as floats.
+// ---- moving a chunk: kChunk elements as four 32-bit words ------------------------------------------------
+
+// The float of a 16-bit pattern (the low half of `bits`) of the 2-byte type scalar_t.
+template <typename scalar_t>
+__device__ __forceinline__ float half_bits_to_float(unsigned bits) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return __uint_as_float(bits << 16);
+  } else {
+    return static_cast<float>(scalar_t(static_cast<uint16_t>(bits), scalar_t::from_bits()));
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ unsigned float_to_half_bits(float v) {
+  return static_cast<unsigned>(static_cast<scalar_t>(v).x);
+}
+
+// kChunk elements at p (kWidth-byte aligned: 16, 8 or 4 bytes a piece, or one element at a time), as floats.
 template <int kWidth, typename scalar_t>
 __device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ p, float (&v)[kChunk<scalar_t>]) {
   constexpr int K = kChunk<scalar_t>;
-  scalar_t e[K];
-  if constexpr (kWidth == 16) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    memcpy(e, &raw, 16);
-  } else if constexpr (kWidth == 8) {
+  if constexpr (kWidth < 4 || (kWidth == 4 && sizeof(scalar_t) == 4)) {
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p) + q);
-      memcpy(e + q * (K / 2), &raw, 8);
-    }
-  } else if constexpr (kWidth == 4 && sizeof(scalar_t) == 2) {
-#pragma unroll
-    for (int q = 0; q < K / 2; ++q) {
-      const unsigned raw = __ldg(reinterpret_cast<const unsigned*>(p) + q);
-      memcpy(e + 2 * q, &raw, 4);
-    }
+    for (int k = 0; k < K; ++k) v[k] = static_cast<float>(p[k]);
   } else {
+    unsigned w[4];
+    if constexpr (kWidth == 16) {
+      const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
+      w[0] = r.x, w[1] = r.y, w[2] = r.z, w[3] = r.w;
+    } else if constexpr (kWidth == 8) {
 #pragma unroll
-    for (int k = 0; k < K; ++k) e[k] = p[k];
+      for (int q = 0; q < 2; ++q) {
+        const uint2 r = __ldg(reinterpret_cast<const uint2*>(p) + q);
+        w[2 * q] = r.x, w[2 * q + 1] = r.y;
+      }
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) w[q] = __ldg(reinterpret_cast<const unsigned*>(p) + q);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if constexpr (sizeof(scalar_t) == 4) {
+        v[q] = __uint_as_float(w[q]);
+      } else {
+        v[2 * q] = half_bits_to_float<scalar_t>(w[q] & 0xffffu);
+        v[2 * q + 1] = half_bits_to_float<scalar_t>(w[q] >> 16);
+      }
+    }
   }
-#pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = static_cast<float>(e[k]);
 }
 
 template <int kWidth, typename scalar_t>
 __device__ __forceinline__ void store_chunk(scalar_t* __restrict__ p, const float (&v)[kChunk<scalar_t>]) {
   constexpr int K = kChunk<scalar_t>;
-  scalar_t e[K];
+  if constexpr (kWidth < 4 || (kWidth == 4 && sizeof(scalar_t) == 4)) {
 #pragma unroll
-  for (int k = 0; k < K; ++k) e[k] = static_cast<scalar_t>(v[k]);
-  if constexpr (kWidth == 16) {
-    uint4 raw;
-    memcpy(&raw, e, 16);
-    __stwb(reinterpret_cast<uint4*>(p), raw);  // (__stwb: the default store; one access in the emulator too)
-  } else if constexpr (kWidth == 8) {
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      uint2 raw;
-      memcpy(&raw, e + q * (K / 2), 8);
-      __stwb(reinterpret_cast<uint2*>(p) + q, raw);
-    }
-  } else if constexpr (kWidth == 4 && sizeof(scalar_t) == 2) {
-#pragma unroll
-    for (int q = 0; q < K / 2; ++q) {
-      unsigned raw;
-      memcpy(&raw, e + 2 * q, 4);
-      __stwb(reinterpret_cast<unsigned*>(p) + q, raw);
-    }
+    for (int k = 0; k < K; ++k) p[k] = static_cast<scalar_t>(v[k]);
   } else {
+    unsigned w[4];
 #pragma unroll
-    for (int k = 0; k < K; ++k) p[k] = e[k];
+    for (int q = 0; q < 4; ++q) {
+      if constexpr (sizeof(scalar_t) == 4) {
+        w[q] = __float_as_uint(v[q]);
+      } else {
+        w[q] = float_to_half_bits<scalar_t>(v[2 * q]) | (float_to_half_bits<scalar_t>(v[2 * q + 1]) << 16);
+      }
+    }
+    if constexpr (kWidth == 16) {
+      store_vector(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+    } else if constexpr (kWidth == 8) {
+#pragma unroll
+      for (int q = 0; q < 2; ++q) store_vector(reinterpret_cast<uint2*>(p) + q, make_uint2(w[2 * q], w[2 * q + 1]));
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) reinterpret_cast<unsigned*>(p)[q] = w[q];
+    }
   }
 }
 
-// One row's constants: what the element transform reads, and the target's logit.
+// ---- who owns a row ----------------------------------------------------------------------------------------
+
+// One row per block: T = blockDim.x threads, block-wide reductions (barriers).
+struct RowPerBlock {
+  float* red;  // 32 floats of shared scratch for the reductions
+  __device__ __forceinline__ int lane() const { return static_cast<int>(threadIdx.x); }
+  __device__ __forceinline__ int size() const { return static_cast<int>(blockDim.x); }
+  __device__ __forceinline__ int slot() const { return 0; }
+  __device__ __forceinline__ int64_t row() const { return blockIdx.x; }
+  __device__ __forceinline__ float max(float v) const { return block_max(v, red); }
+  __device__ __forceinline__ float sum(float v) const { return block_sum(v, red); }
+};
+
+// One row per warp, blockDim.x / 32 rows per block: warp-shuffle reductions, no barriers.
+struct RowPerWarp {
+  float* red;  // (unused: no shared scratch)
+  __device__ __forceinline__ int lane() const { return static_cast<int>(threadIdx.x & 31); }
+  __device__ __forceinline__ int size() const { return 32; }
+  __device__ __forceinline__ int slot() const { return static_cast<int>(threadIdx.x >> 5); }
+  __device__ __forceinline__ int64_t row() const {
+    return static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + slot();
+  }
+  __device__ __forceinline__ float max(float v) const { return warp_max(v); }
+  __device__ __forceinline__ float sum(float v) const { return warp_sum(v); }
+};
+
+// ---- the row's math ------------------------------------------------------------------------------------------
+
+// One row's constants: what the element transform reads, and the target's margin.
 template <int kFeat>
 struct StreamRow {
   const float* __restrict__ r;      // col_scale
   const float* __restrict__ b;      // col_bias
   const float* __restrict__ beta;   // shift_coef
   const float* __restrict__ delta;  // cloud
-  float S, t, noise_mul;
+  float S, t, noise_mul, m;
   uint64_t seed, offset, row;
   int y;
 
@@ -163,11 +230,12 @@ struct StreamRow {
   }
 };
 
-// Logits of the chunk at j0: u[k] = S x, the target's replaced by u_t; columns outside [0, C) (the head and
-// tail chunks) are -inf. kFull: every column of the chunk is in the row.
+// Logits of the chunk at j0: u[k] = S x, the target's S (x - m) (also written to u_t); columns outside
+// [0, C) (the head and tail chunks) are -inf. kFull: every column of the chunk is in the row. The target's
+// logit comes from the chunk that holds it, so that no lane reads it (and waits for it) before pass 1.
 template <bool kFull, int kFeat, int K>
 __device__ __forceinline__ void chunk_logits(const StreamRow<kFeat>& row, int j0, int C, const float (&c)[K],
-                                             float u_t, float (&u)[K]) {
+                                             float (&u)[K], float& u_t) {
   float nz[K];
   row.normals(j0, nz);
 #pragma unroll
@@ -179,7 +247,7 @@ __device__ __forceinline__ void chunk_logits(const StreamRow<kFeat>& row, int j0
   if (static_cast<unsigned>(row.y - j0) < static_cast<unsigned>(K)) {  // the target's chunk: rare, so a branch
 #pragma unroll
     for (int k = 0; k < K; ++k)
-      if (j0 + k == row.y) u[k] = u_t;
+      if (j0 + k == row.y) u[k] = u_t = (row.x_of(j0 + k, c[k], (kFeat & kFeatCloud) ? nz[k] : 0.f) - row.m) * row.S;
   }
 }
 
@@ -206,48 +274,88 @@ __device__ __forceinline__ void load_partial(const scalar_t* __restrict__ x, int
     c[k] = static_cast<unsigned>(j0 + k) < static_cast<unsigned>(C) ? static_cast<float>(x[j0 + k]) : 0.f;
 }
 
+// f(q, c) for the full chunks q = lane, lane + T, ... < full of the row whose full chunks start at x (c:
+// chunk q's kChunk inputs), each chunk's load issued before the previous chunk's math.
+template <int kWidth, typename scalar_t, class F>
+__device__ __forceinline__ void for_each_chunk(const scalar_t* __restrict__ x, int full, int lane, int T, F&& f) {
+  constexpr int K = kChunk<scalar_t>;
+  float c[K];
+  int q = lane;
+  if (q < full) load_chunk<kWidth>(x + q * K, c);
+  for (; q < full; q += T) {
+    float cur[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) cur[k] = c[k];
+    if (q + T < full) load_chunk<kWidth>(x + (q + T) * K, c);
+    f(q, cur);
+  }
+}
+
+// The cached logits of full chunk q (K floats at cache + q K; 16-byte shared accesses).
+template <int K>
+__device__ __forceinline__ void cache_put(float* cache, int q, const float (&u)[K]) {
+#pragma unroll
+  for (int p = 0; p < K / 4; ++p)
+    store_vector(reinterpret_cast<float4*>(cache + q * K) + p, make_float4(u[4 * p], u[4 * p + 1], u[4 * p + 2], u[4 * p + 3]));
+}
+
+template <int K>
+__device__ __forceinline__ void cache_get(const float* cache, int q, float (&u)[K]) {
+#pragma unroll
+  for (int p = 0; p < K / 4; ++p) {
+    const float4 v = load_vector(reinterpret_cast<const float4*>(cache + q * K) + p);
+    u[4 * p] = v.x, u[4 * p + 1] = v.y, u[4 * p + 2] = v.z, u[4 * p + 3] = v.w;
+  }
+}
+
 // Both passes over row i: full chunks at columns h + q K moved as kWidth-byte pieces, the head chunk
-// (columns h - K .. h - 1, when h > 0) and the tail chunk element by element.
-template <int kWidth, int kFeat, typename scalar_t>
-__device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& a, const StreamRow<kFeat>& row,
-                                           const scalar_t* __restrict__ x, scalar_t* __restrict__ g, int C, int h,
-                                           float u_t, float* red, float& M_out, float& sum_out) {
+// (columns h - K .. h - 1, when h > 0) and the tail chunk element by element. kCached: pass 1 stores the
+// chunks' logits at `cache` (row_cache_floats) and pass 2 reads them back: it reads no global memory but the
+// per-class vectors of the gradient (class scale, shift coefficients).
+template <int kWidth, bool kCached, int kFeat, class Rows, typename scalar_t>
+__device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& a, const Rows& rows,
+                                           const StreamRow<kFeat>& row, const scalar_t* __restrict__ x,
+                                           scalar_t* __restrict__ g, int C, int h, float* cache, float& u_t_out,
+                                           float& M_out, float& sum_out) {
   constexpr int K = kChunk<scalar_t>;
   const int full = (C - h) / K;  // full chunks
-  const int T = static_cast<int>(blockDim.x);
-  const int tid = static_cast<int>(threadIdx.x);
-  // the partial chunks: the tail (if any) by the thread next in turn after the full chunks, the head by
-  // the last thread
+  const int T = rows.size(), lane = rows.lane();
+  // the partial chunks: the tail (if any) by the lane next in turn after the full chunks, the head by the
+  // last lane
   const int tail_j0 = h + full * K < C ? h + full * K : -1;
-  const bool my_tail = tail_j0 >= 0 && tid == full % T;
-  const bool my_head = h > 0 && tid == T - 1;
-  float m = -INFINITY, s = 0.f;
-  {
-    float c[K], u[K];
-    int q = tid;
-    if (q < full) load_chunk<kWidth>(x + h + q * K, c);
-    for (; q < full; q += T) {
-      float cur[K];
-#pragma unroll
-      for (int k = 0; k < K; ++k) cur[k] = c[k];
-      if (q + T < full) load_chunk<kWidth>(x + h + (q + T) * K, c);  // the next chunk, ahead of this one's math
-      chunk_logits<true>(row, h + q * K, C, cur, u_t, u);
-      merge_chunk(u, m, s);
-    }
+  const bool my_tail = tail_j0 >= 0 && lane == full % T;
+  const bool my_head = h > 0 && lane == T - 1;
+  float m = -INFINITY, s = 0.f, u_t = -INFINITY;  // u_t: the target's logit, in the lane whose chunk holds it
+  for_each_chunk<kWidth>(x + h, full, lane, T, [&](int q, const float (&c)[K]) {
+    float u[K];
+    chunk_logits<true>(row, h + q * K, C, c, u, u_t);
+    if constexpr (kCached) cache_put(cache, q, u);
+    merge_chunk(u, m, s);
+  });
+  auto partial_logits = [&](int j0, float (&u)[K]) {
+    float c[K];
+    load_partial(x, j0, C, c);
+    chunk_logits<false>(row, j0, C, c, u, u_t);
+  };
+  // (cached: the tail's logits in slot `full`, the head's in slot full + 1)
+  if (my_tail || my_head) {
+    float u[K];
     if (my_tail) {
-      load_partial(x, tail_j0, C, c);
-      chunk_logits<false>(row, tail_j0, C, c, u_t, u);
+      partial_logits(tail_j0, u);
+      if constexpr (kCached) cache_put(cache, full, u);
       merge_chunk(u, m, s);
     }
     if (my_head) {
-      load_partial(x, h - K, C, c);
-      chunk_logits<false>(row, h - K, C, c, u_t, u);
+      partial_logits(h - K, u);
+      if constexpr (kCached) cache_put(cache, full + 1, u);
       merge_chunk(u, m, s);
     }
   }
-  const float M = block_max(m, red);
-  // threads that saw no (unmasked) column keep m = -inf, s = 0 and contribute nothing
-  const float sum = block_sum(m == -INFINITY ? 0.f : s * exp_diff(m - M), red);
+  u_t = rows.max(u_t);  // (NaN propagates, as in the other lanes' statistics)
+  u_t_out = u_t;
+  const float M = rows.max(m);
+  // lanes that saw no (unmasked) column keep m = -inf, s = 0 and contribute nothing
+  const float sum = rows.sum(m == -INFINITY ? 0.f : s * exp_diff(m - M));
   M_out = M;
   sum_out = sum;
   if (!g && !a.grad_row_shift) return;
@@ -273,10 +381,34 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
       d[k] = dz * row.jac(j);
     }
   };
-  auto partial = [&](int j0) {
-    float c[K], u[K], d[K];
-    load_partial(x, j0, C, c);
-    chunk_logits<false>(row, j0, C, c, u_t, u);
+  auto full_grads = [&](int q, const float (&u)[K]) {
+    const int j0 = h + q * K;
+    float d[K];
+    grads(j0, u, d, true);
+    if (g) store_chunk<kWidth>(g + j0, d);
+  };
+  if constexpr (kCached) {
+    for (int q = lane; q < full; q += T) {
+      float u[K];
+      cache_get(cache, q, u);
+      full_grads(q, u);
+    }
+  } else {
+    for_each_chunk<kWidth>(x + h, full, lane, T, [&](int q, const float (&c)[K]) {
+      float u[K], unused;
+      chunk_logits<true>(row, h + q * K, C, c, u, unused);
+      full_grads(q, u);
+    });
+  }
+  auto partial_grads = [&](int j0, int slot) {
+    float u[K], d[K];
+    if constexpr (kCached) {
+      cache_get(cache, slot, u);
+    } else {
+      float c[K], unused;
+      load_partial(x, j0, C, c);
+      chunk_logits<false>(row, j0, C, c, u, unused);
+    }
     grads(j0, u, d, false);
     if (g) {
 #pragma unroll
@@ -284,111 +416,109 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
         if (static_cast<unsigned>(j0 + k) < static_cast<unsigned>(C)) g[j0 + k] = static_cast<scalar_t>(d[k]);
     }
   };
-  {
-    float c[K], u[K], d[K];
-    int q = tid;
-    if (q < full) load_chunk<kWidth>(x + h + q * K, c);
-    for (; q < full; q += T) {
-      float cur[K];
-#pragma unroll
-      for (int k = 0; k < K; ++k) cur[k] = c[k];
-      if (q + T < full) load_chunk<kWidth>(x + h + (q + T) * K, c);
-      const int j0 = h + q * K;
-      chunk_logits<true>(row, j0, C, cur, u_t, u);
-      grads(j0, u, d, true);
-      if (g) store_chunk<kWidth>(g + j0, d);
-    }
-  }
-  if (my_tail) partial(tail_j0);
-  if (my_head) partial(h - K);
+  if (my_tail) partial_grads(tail_j0, full);
+  if (my_head) partial_grads(h - K, full + 1);
   if constexpr ((kFeat & kFeatShift) != 0) {
     if (a.grad_row_shift) {
-      gshift = block_sum(gshift, red);
-      if (threadIdx.x == 0) a.grad_row_shift[row.row] = gshift * row.S;
+      gshift = rows.sum(gshift);
+      if (lane == 0) a.grad_row_shift[row.row] = gshift * row.S;
     }
   }
 }
 
-template <int kFeat, typename scalar_t>
-__global__ void __launch_bounds__(kStreamMaxThreads) margin_ce_stream_kernel(MarginCeArgs<scalar_t, float> a) {
-  __shared__ float red[32];
-  __shared__ float target_u;
-  __shared__ double dred[32];
-  __shared__ unsigned last;
-  const int64_t i = blockIdx.x;
+// Floats of logit cache one row needs, whatever its alignment: its full chunks (at most C / K), then the
+// tail and the head chunk.
+template <typename scalar_t>
+__host__ __device__ __forceinline__ int64_t row_cache_floats(int64_t C) {
+  return (C / kChunk<scalar_t> + 2) * kChunk<scalar_t>;
+}
+
+// Row i of the call, by the threads `rows` names.
+template <bool kCached, int kFeat, class Rows, typename scalar_t>
+__device__ __forceinline__ void margin_ce_stream_row(const MarginCeArgs<scalar_t, float>& a, const Rows& rows,
+                                                     int64_t i, float* cache) {
   const int C = static_cast<int>(a.C);
   const int64_t y = a.target[i];
   const scalar_t* __restrict__ x = a.input + i * a.C;
   scalar_t* __restrict__ g = a.grad ? a.grad + i * a.C : nullptr;
   if (y == a.ignore_index) {
-    for (int j = threadIdx.x; j < C && g; j += blockDim.x) g[j] = scalar_t(0);
-    if (threadIdx.x == 0) {
+    for (int j = rows.lane(); j < C && g; j += rows.size()) g[j] = scalar_t(0);
+    if (rows.lane() == 0) {
       store_row_loss(a, i, 0.f);
       if (a.grad_row_shift) a.grad_row_shift[i] = 0.f;
     }
-  } else {
-    CUDA_KERNEL_ASSERT(y >= 0 && y < C);
-    StreamRow<kFeat> row{a.col_scale, a.col_bias, a.shift_coef, a.cloud, 0.f, 0.f, a.noise_mul, 0, 0,
-                         static_cast<uint64_t>(i), static_cast<int>(y)};
-    row.S = a.target_scale ? a.target_scale[y] : a.scale;
-    if constexpr ((kFeat & kFeatShift) != 0) row.t = a.row_shift[i];
-    if constexpr ((kFeat & kFeatCloud) != 0) philox_key(a, row.seed, row.offset);
-    if (threadIdx.x == 0) {  // the target's logit, with its margin: one element, once per row
-      float nz[4] = {0.f, 0.f, 0.f, 0.f};
-      row.template normals<4>(static_cast<int>(y) & ~3, nz);
-      float n_t = nz[0];
-#pragma unroll
-      for (int k = 1; k < 4; ++k)
-        if ((static_cast<int>(y) & 3) == k) n_t = nz[k];
-      const float m = a.margin ? a.margin[y] : 0.f;
-      target_u = (row.x_of(static_cast<int>(y), static_cast<float>(x[y]), n_t) - m) * row.S;
-    }
-    __syncthreads();
-    const float u_t = target_u;
-    // Where the input row's first 16-byte boundary is one of the gradient row's too (and no cloud), full
-    // chunks start there and move in 16-byte pieces; else they start at column 0, in the widest aligned
-    // pieces both rows allow. One branch per row.
-    const uintptr_t ax = reinterpret_cast<uintptr_t>(x), ag = g ? reinterpret_cast<uintptr_t>(g) : ax;
-    int h = static_cast<int>(((16 - (ax & 15)) & 15) / sizeof(scalar_t));
-    if (h >= C || (kFeat & kFeatCloud) != 0 || ((ag + h * sizeof(scalar_t)) & 15) != 0) h = 0;
-    const uintptr_t off = h * sizeof(scalar_t);
-    const uintptr_t mis = ((ax + off) | (ag + off)) & 15;
-    float M, sum;
-    if (mis == 0) {
-      stream_row<16, kFeat>(a, row, x, g, C, h, u_t, red, M, sum);
-    } else if ((mis & 7) == 0) {
-      stream_row<8, kFeat>(a, row, x, g, C, 0, u_t, red, M, sum);
-    } else if ((mis & 3) == 0 && sizeof(scalar_t) == 2) {
-      stream_row<4, kFeat>(a, row, x, g, C, 0, u_t, red, M, sum);
-    } else {
-      stream_row<static_cast<int>(sizeof(scalar_t)), kFeat>(a, row, x, g, C, 0, u_t, red, M, sum);
-    }
-    if (threadIdx.x == 0) {
-      const float w_t = a.weight ? a.weight[y] : 1.f;
-      const RowCoef<float> rc =
-          row_coefficients<float>(logf(sum), u_t - M, 0.f, w_t, *a.weight_sum, 0.f, C, a.focal, a.gamma);
-      store_row_loss(a, i, rc.loss);
-    }
+    return;
   }
+  CUDA_KERNEL_ASSERT(y >= 0 && y < C);
+  StreamRow<kFeat> row{a.col_scale, a.col_bias, a.shift_coef, a.cloud, 0.f, 0.f, a.noise_mul, 0.f, 0, 0,
+                       static_cast<uint64_t>(i), static_cast<int>(y)};
+  row.S = a.target_scale ? a.target_scale[y] : a.scale;
+  row.m = a.margin ? a.margin[y] : 0.f;
+  if constexpr ((kFeat & kFeatShift) != 0) row.t = a.row_shift[i];
+  if constexpr ((kFeat & kFeatCloud) != 0) philox_key(a, row.seed, row.offset);
+  // Where the input row's first 16-byte boundary is one of the gradient row's too (and no cloud), full
+  // chunks start there and move in 16-byte pieces; else they start at column 0, in the widest aligned
+  // pieces both rows allow. One branch per row.
+  const uintptr_t ax = reinterpret_cast<uintptr_t>(x), ag = g ? reinterpret_cast<uintptr_t>(g) : ax;
+  int h = static_cast<int>(((16 - (ax & 15)) & 15) / sizeof(scalar_t));
+  if (h >= C || (kFeat & kFeatCloud) != 0 || ((ag + h * sizeof(scalar_t)) & 15) != 0) h = 0;
+  const uintptr_t off = h * sizeof(scalar_t);
+  const uintptr_t mis = ((ax + off) | (ag + off)) & 15;
+  float u_t, M, sum;
+  if (mis == 0) {
+    stream_row<16, kCached>(a, rows, row, x, g, C, h, cache, u_t, M, sum);
+  } else if ((mis & 7) == 0) {
+    stream_row<8, kCached>(a, rows, row, x, g, C, 0, cache, u_t, M, sum);
+  } else if ((mis & 3) == 0 && sizeof(scalar_t) == 2) {
+    stream_row<4, kCached>(a, rows, row, x, g, C, 0, cache, u_t, M, sum);
+  } else {
+    stream_row<static_cast<int>(sizeof(scalar_t)), kCached>(a, rows, row, x, g, C, 0, cache, u_t, M, sum);
+  }
+  if (rows.lane() == 0) {
+    const float w_t = a.weight ? a.weight[y] : 1.f;
+    const RowCoef<float> rc =
+        row_coefficients<float>(logf(sum), u_t - M, 0.f, w_t, *a.weight_sum, 0.f, C, a.focal, a.gamma);
+    store_row_loss(a, i, rc.loss);
+  }
+}
+
+// Rows: RowPerBlock or RowPerWarp. kCached: dynamic shared memory holds row_cache_floats(C) floats per row
+// of the block.
+template <int kFeat, class Rows, bool kCached, typename scalar_t>
+__global__ void __launch_bounds__(kStreamMaxThreads) margin_ce_stream_kernel(MarginCeArgs<scalar_t, float> a) {
+  __shared__ float red[32];
+  __shared__ double dred[32];
+  __shared__ unsigned last;
+  const Rows rows{red};
+  float* cache = nullptr;
+  if constexpr (kCached) {
+    LTK_DYNAMIC_SHARED(float, smem);
+    cache = smem + rows.slot() * row_cache_floats<scalar_t>(a.C);
+  }
+  const int64_t i = rows.row();
+  if (i < a.N) margin_ce_stream_row<kCached, kFeat>(a, rows, i, cache);
   reduce_when_last_block(a, dred, last);
 }
 
-// Threads per row: one chunk each, a multiple of the warp size, at most kStreamMaxThreads.
-template <typename scalar_t>
-inline int margin_ce_stream_threads(int64_t C) {
-  const int64_t chunks = (C + kChunk<scalar_t> - 1) / kChunk<scalar_t>;
-  int64_t t = (chunks + 31) / 32 * 32;
-  if (t < 32) t = 32;
-  if (t > kStreamMaxThreads) t = kStreamMaxThreads;
-  return static_cast<int>(t);
-}
+// The row kernel for a call: its instantiation and launch configuration.
+enum class StreamPath : int { kNone = 0, kWarpCached = 1, kBlockCached = 2, kBlockStreaming = 3 };
 
-// The kFeat of a call, or -1 when the stream kernel does not cover it (the generic kernel runs).
+struct StreamPlan {
+  int feat = -1;
+  StreamPath path = StreamPath::kNone;
+  unsigned blocks = 0, threads = 0;
+  size_t smem = 0;  // dynamic shared memory bytes (the logit cache)
+};
+
+// The input types with stream kernels (fp64 keeps the generic kernel: its accuracy, not its speed, is
+// what it is for).
+template <typename scalar_t, typename acc_t>
+constexpr bool kStreamTypes = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
+
+// The kFeat of a call, or -1 when no stream kernel covers it (the generic kernel runs).
 template <typename scalar_t, typename acc_t>
 int stream_features(const MarginCeArgs<scalar_t, acc_t>& a) {
-  // fp32 only for now: the fp16 / bf16 instantiations spill a few bytes under nvcc 13 (the compile gate,
-  // tools/cuda_resource_report.py, forbids spills), so half inputs keep the generic kernel
-  if constexpr (!std::is_same_v<scalar_t, float> || !std::is_same_v<acc_t, float>) {
+  if constexpr (!kStreamTypes<scalar_t, acc_t>) {
     return -1;
   } else {
     if (a.angular != kLinear || a.smoothing != acc_t(0) || a.noise || a.C > 0x7fffffff - 16) return -1;
@@ -401,24 +531,53 @@ int stream_features(const MarginCeArgs<scalar_t, acc_t>& a) {
   }
 }
 
-// Launches the stream kernel for the call when it covers it; false: the caller runs the generic kernel.
+template <typename scalar_t, typename acc_t>
+StreamPlan plan_margin_ce_stream(const MarginCeArgs<scalar_t, acc_t>& a) {
+  StreamPlan p;
+  p.feat = stream_features(a);
+  if (p.feat < 0) return p;
+  const int64_t cache_bytes = row_cache_floats<scalar_t>(a.C) * static_cast<int64_t>(sizeof(float));
+  if (a.C <= kWarpMaxCols) {
+    const int64_t rows = a.N < kWarpRowsPerBlock ? a.N : kWarpRowsPerBlock;
+    p.path = StreamPath::kWarpCached;
+    p.threads = static_cast<unsigned>(32 * rows);
+    p.blocks = static_cast<unsigned>((a.N + rows - 1) / rows);
+    p.smem = static_cast<size_t>(rows * cache_bytes);
+  } else {
+    p.path = cache_bytes <= kRowCacheMaxBytes ? StreamPath::kBlockCached : StreamPath::kBlockStreaming;
+    p.threads = static_cast<unsigned>(row_threads((a.C + kChunk<scalar_t> - 1) / kChunk<scalar_t>, kStreamMaxThreads));
+    p.blocks = static_cast<unsigned>(a.N);
+    p.smem = p.path == StreamPath::kBlockCached ? static_cast<size_t>(cache_bytes) : 0;
+  }
+  return p;
+}
+
+template <int kFeat, typename scalar_t>
+void launch_stream_path(const MarginCeArgs<scalar_t, float>& a, const StreamPlan& p, cudaStream_t stream) {
+  const dim3 grid(p.blocks), block(p.threads);
+  switch (p.path) {
+    case StreamPath::kWarpCached:
+      LTK_LAUNCH((margin_ce_stream_kernel<kFeat, RowPerWarp, true, scalar_t>), grid, block, p.smem, stream, a);
+      break;
+    case StreamPath::kBlockCached:
+      LTK_LAUNCH((margin_ce_stream_kernel<kFeat, RowPerBlock, true, scalar_t>), grid, block, p.smem, stream, a);
+      break;
+    default:
+      LTK_LAUNCH((margin_ce_stream_kernel<kFeat, RowPerBlock, false, scalar_t>), grid, block, 0, stream, a);
+  }
+}
+
+// Launches the stream kernel for the call when one covers it; false: the caller runs the generic kernel.
 template <typename scalar_t, typename acc_t>
 bool launch_margin_ce_stream(const MarginCeArgs<scalar_t, acc_t>& a, cudaStream_t stream) {
-  if constexpr (!std::is_same_v<scalar_t, float> || !std::is_same_v<acc_t, float>) {
+  if constexpr (!kStreamTypes<scalar_t, acc_t>) {
     return false;
   } else {
-    const int f = stream_features(a);
-    const dim3 grid(static_cast<unsigned>(a.N)), block(static_cast<unsigned>(margin_ce_stream_threads<scalar_t>(a.C)));
-    switch (f) {
+    const StreamPlan p = plan_margin_ce_stream(a);
+    switch (p.feat) {
 #define LTK_STREAM_CASE(F) \
-  case F: LTK_LAUNCH((margin_ce_stream_kernel<F, scalar_t>), grid, block, 0, stream, a); return true;
-      LTK_STREAM_CASE(0)
-      LTK_STREAM_CASE(1)
-      LTK_STREAM_CASE(2)
-      LTK_STREAM_CASE(3)
-      LTK_STREAM_CASE(4)
-      LTK_STREAM_CASE(8)
-      LTK_STREAM_CASE(10)
+  case F: launch_stream_path<F>(a, p, stream); return true;
+      LTK_STREAM_FEATURES(LTK_STREAM_CASE)
 #undef LTK_STREAM_CASE
       default: return false;
     }

@@ -91,23 +91,28 @@ LTK_EMU_EXPORT int ltk_emu_margin_ce(int dtype, const FlatMarginCe* f) {
   })
 }
 
-LTK_EMU_EXPORT int ltk_emu_margin_ce_threads(long long C) { return ltk::cuda::margin_ce_threads(C); }
-
-// The row kernel launch_margin_ce picks for a call (*stream: 1 the stream kernel, 0 the generic one) and
-// its threads per block.
-LTK_EMU_EXPORT int ltk_emu_margin_ce_plan(int dtype, const FlatMarginCe* f, int* stream, int* threads) {
-  *stream = 0;
+// The row kernel launch_margin_ce picks for a call: *path the StreamPath (0: the generic kernel, 1 one warp
+// per row with the logit cache, 2 one block per row with it, 3 one block per row streaming), *blocks and
+// *threads its grid and block sizes and *smem its dynamic shared memory bytes.
+LTK_EMU_EXPORT int ltk_emu_margin_ce_plan(int dtype, const FlatMarginCe* f, int* path, long long* blocks, int* threads,
+                                          long long* smem) {
+  *path = 0;
+  *smem = 0;
   LTK_EMU_TRY({
     auto plan = [&](auto tag) {
       using scalar_t = decltype(tag);
-      ltk::MarginCeArgs<scalar_t, float> a;
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      ltk::MarginCeArgs<scalar_t, acc_t> a;
       fill_args(*f, a);
-      *stream = ltk::cuda::stream_features(a) >= 0;
-      *threads = *stream ? ltk::cuda::margin_ce_stream_threads<scalar_t>(f->C) : ltk::cuda::margin_ce_threads(f->C);
+      const ltk::cuda::StreamPlan p = ltk::cuda::plan_margin_ce_stream(a);
+      *path = static_cast<int>(p.path);
+      *blocks = p.feat >= 0 ? static_cast<long long>(p.blocks) : f->N;
+      *threads = p.feat >= 0 ? static_cast<int>(p.threads) : ltk::cuda::margin_ce_threads(f->C);
+      *smem = static_cast<long long>(p.smem);
     };
     switch (dtype) {
       case 0: plan(float()); break;
-      case 1: *threads = ltk::cuda::margin_ce_threads(f->C); break;
+      case 1: plan(double()); break;
       case 2: plan(c10::Half()); break;
       case 3: plan(c10::BFloat16()); break;
       default: throw std::invalid_argument("ltk_emu_margin_ce_plan: unknown dtype code");

@@ -25,3 +25,31 @@
   extern __shared__ __align__(16) unsigned char ltk_dynamic_smem_[]; \
   type* name = reinterpret_cast<type*>(ltk_dynamic_smem_)
 #endif
+
+namespace ltk {
+namespace cuda {
+
+// Plain (default-cached) loads and stores of an 8- or 16-byte vector (float4, uint4, uint2, ...) from
+// global or shared memory: LDG/STG/LDS/STS .64 / .128 on the GPU; in the emulator one access each (as
+// __ldg does), so that the sanitizer and the memory model see the width the GPU moves. (__stwb would
+// compile to STG.E.128.STRONG.SM, not the plain store.)
+template <class V>
+__device__ __forceinline__ V load_vector(const V* p) {
+#if defined(LTK_EMULATE)
+  return ::ltk::emu::detail::whole_load(p);
+#else
+  return *p;
+#endif
+}
+
+template <class V>
+__device__ __forceinline__ void store_vector(V* p, const V& v) {
+#if defined(LTK_EMULATE)
+  ::ltk::emu::detail::whole_store(p, v);
+#else
+  *p = v;
+#endif
+}
+
+}  // namespace cuda
+}  // namespace ltk
