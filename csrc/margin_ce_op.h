@@ -84,6 +84,9 @@ MarginCeResult margin_ce_cpu(LTK_MARGIN_CE_PARAMS);
 // The argument checks of margin_ce_grad_scale_ (csrc/ops.cpp), shared by its CPU and CUDA kernels.
 inline void check_grad_scale_args(const at::Tensor& grad, const at::Tensor& grad_output, bool per_row) {
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.is_contiguous(), "margin_ce_grad_scale_: grad must be a contiguous (N, C) tensor");
+  TORCH_CHECK_VALUE(at::isFloatingType(grad.scalar_type()) && at::isFloatingType(grad_output.scalar_type()),
+                    "margin_ce_grad_scale_: grad and grad_output must be floating-point, got ", grad.scalar_type(),
+                    " and ", grad_output.scalar_type());
   TORCH_CHECK_VALUE(grad_output.device() == grad.device(), "margin_ce_grad_scale_: grad_output is on ",
                     grad_output.device(), " but grad is on ", grad.device());
   if (per_row) {

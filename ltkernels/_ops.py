@@ -74,7 +74,18 @@ def _margin_ce_fake(*args, **kwargs):
 
 @torch.library.register_fake("ltkernels::margin_ce_grad_scale_")
 def _margin_ce_grad_scale_fake(grad, grad_output, per_row):
-    torch._check(grad.dim() == 2, lambda: f"margin_ce_grad_scale_: grad must be 2-D, got {tuple(grad.shape)}")
+    # the checks of csrc/margin_ce_op.h's check_grad_scale_args, so that tracing fails where eager would
+    torch._check(grad.dim() == 2 and grad.is_contiguous(),
+                 lambda: f"margin_ce_grad_scale_: grad must be a contiguous (N, C) tensor, got {tuple(grad.shape)}")
+    torch._check(grad.dtype.is_floating_point and grad_output.dtype.is_floating_point,
+                 lambda: "margin_ce_grad_scale_: grad and grad_output must be floating-point")
+    if per_row:
+        torch._check(grad_output.dim() == 1 and grad_output.shape[0] == grad.shape[0],
+                     lambda: f"margin_ce_grad_scale_: per-row grad_output must have shape ({grad.shape[0]},), got "
+                             f"{tuple(grad_output.shape)}")
+    else:
+        torch._check(grad_output.numel() == 1,
+                     lambda: f"margin_ce_grad_scale_: grad_output must be a scalar, got {tuple(grad_output.shape)}")
     return None
 
 

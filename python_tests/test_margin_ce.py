@@ -564,6 +564,43 @@ def test_opcheck(ltk_device, case):
     torch.library.opcheck(ops.margin_ce.default, args)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_grad_scale_op(ltk_device, per_row, dtype):
+    """margin_ce's backward op scales the saved gradient in place by grad_output (a scalar, or one value per
+    row for reduction='none'): the same as the out-of-place multiply, including a grad_output of another
+    dtype and N = 0; opcheck covers its schema, fake kernel and aliasing."""
+    for N, C in ((5, 7), (0, 4)):
+        g = torch.randn(N, C, generator=torch.Generator().manual_seed(N)).to(ltk_device, dtype)
+        go = (torch.rand(N) + 0.5 if per_row else torch.tensor(1.7)).to(ltk_device, torch.float32)
+        want = g.float() * (go.unsqueeze(1) if per_row else go)
+        out = g.clone()
+        ops.margin_ce_grad_scale_(out, go, per_row)
+        # bf16: the product rounded once to bf16, and grad_output possibly rounded to it first (CUDA): 2 x 2^-8
+        tol = dict(rtol=2 ** -7, atol=0) if dtype == torch.bfloat16 else F64 if dtype == torch.float64 else \
+            dict(rtol=1e-6, atol=0)
+        torch.testing.assert_close(out.float(), want, **tol)
+        torch.library.opcheck(ops.margin_ce_grad_scale_.default, (g.clone(), go.to(dtype), per_row))
+
+
+def test_grad_scale_op_bad_input():
+    g = torch.randn(4, 3)
+    bad = [
+        ((torch.randn(4, 3, 2), torch.tensor(1.0), False), "contiguous \\(N, C\\)"),
+        ((torch.randn(3, 4).t(), torch.tensor(1.0), False), "contiguous \\(N, C\\)"),
+        ((g.clone(), torch.ones(2), False), "must be a scalar"),
+        ((g.clone(), torch.ones(3), True), "shape \\(N,\\) = \\(4,\\)"),
+        ((g.clone(), torch.ones(4, 1), True), "shape \\(N,\\) = \\(4,\\)"),
+        ((torch.ones(4, 3, dtype=torch.int64), torch.tensor(2), False), "floating-point"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            ops.margin_ce_grad_scale_(*args)
+        with pytest.raises(Exception, match=msg.split("\\")[0]):  # the fake kernel agrees (tracing)
+            with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+                ops.margin_ce_grad_scale_(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_compile_fullgraph_functional(ltk_device, reduction):
     torch._dynamo.reset()
