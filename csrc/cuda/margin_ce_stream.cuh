@@ -483,9 +483,15 @@ __device__ __forceinline__ void margin_ce_stream_row(const MarginCeArgs<scalar_t
 }
 
 // Rows: RowPerBlock or RowPerWarp. kCached: dynamic shared memory holds row_cache_floats(C) floats per row
-// of the block.
+// of the block. Without the cloud, 4 blocks of 256 threads per SM (<= 64 registers: 50 % occupancy, what a
+// memory-bound kernel needs to keep loads in flight); the cloud's Philox and Box-Muller need more registers
+// than that without spilling.
+template <int kFeat>
+constexpr int kStreamMinBlocks = (kFeat & kFeatCloud) != 0 ? 1 : 4;
+
 template <int kFeat, class Rows, bool kCached, typename scalar_t>
-__global__ void __launch_bounds__(kStreamMaxThreads) margin_ce_stream_kernel(MarginCeArgs<scalar_t, float> a) {
+__global__ void __launch_bounds__(kStreamMaxThreads, kStreamMinBlocks<kFeat>)
+    margin_ce_stream_kernel(MarginCeArgs<scalar_t, float> a) {
   __shared__ float red[32];
   __shared__ double dred[32];
   __shared__ unsigned last;
