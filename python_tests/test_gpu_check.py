@@ -38,7 +38,9 @@ def test_script_syntax():
 
 def test_dry_run_lists_build_tests_bench_in_order_and_runs_nothing(tmp_path):
     out = tmp_path / "out"
-    p = _run(["bash", SCRIPT, str(out), "--dry-run"], env={**os.environ, "PYTHON": sys.executable})
+    # (without the caller's MAX_JOBS, e.g. CI's 2, to see the script's own default)
+    env = {k: v for k, v in os.environ.items() if k != "MAX_JOBS"}
+    p = _run(["bash", SCRIPT, str(out), "--dry-run"], env={**env, "PYTHON": sys.executable})
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
 
