@@ -516,8 +516,9 @@ struct StreamPlan {
   size_t smem = 0;  // dynamic shared memory bytes (the logit cache)
 };
 
-// The input types with stream kernels (fp64 keeps the generic kernel: its accuracy, not its speed, is
-// what it is for).
+// The input types with stream kernels: fp32. fp64 keeps the generic kernel (its accuracy, not its speed, is
+// what it is for); fp16 / bf16 keep it until their instantiations pass the compile and SASS gates (their
+// chunks already move as 32-bit words, load_chunk / store_chunk).
 template <typename scalar_t, typename acc_t>
 constexpr bool kStreamTypes = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
 
