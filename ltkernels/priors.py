@@ -43,6 +43,7 @@ __all__ = [
 
 CountsLike = Union[Sequence[float], np.ndarray, Tensor]
 
+# The kinds with a per-class weight vector; ltkernels.data.SAMPLER_KINDS is these plus "class_aware".
 SAMPLER_KINDS = ("instance", "class_balanced", "sqrt", "effective_number", "cben")
 
 

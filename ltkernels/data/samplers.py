@@ -13,35 +13,36 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-SAMPLER_KINDS = ("instance", "class_balanced", "sqrt", "effective_number", "cben", "class_aware")
+from ..priors import SAMPLER_KINDS as _WEIGHT_KINDS
+from ..priors import sampler_class_weights as _prior_sampler_class_weights
+
+# The kinds with a per-class weight vector are ltkernels.priors.SAMPLER_KINDS; class-aware sampling (a cycle
+# over the classes, :meth:`LTSampler._class_aware`) is the one kind that only a sampler has.
+SAMPLER_KINDS = (*_WEIGHT_KINDS, "class_aware")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in SAMPLER_KINDS:
+        raise ValueError(f"data.sampler={kind!r}: allowed values are {list(SAMPLER_KINDS)}")
 
 
 def sampler_class_weights(cls_num_list: Sequence[int], kind: str, beta: float = 0.9999,
                           cben_a: float = 0.9999, cben_b: float = 1e-5) -> np.ndarray:
     """Per-sample weight of a sample of class j (float64); the expected class frequency is ∝ n_j·w_j.
-    cben: d_j = log n_max − log n_j, d̂ min-max normalised (0 when all classes are equal),
-    β_j = a + b·d̂_j (code a=0.9999, b=1e-5; thesis range [0.999, 0.9999] is a=0.999, b=0.0009),
-    w_j = (1−β_j)/(1−β_j^{n_j}). Classes with n_j = 0 get weight 0."""
+
+    The weights are :func:`ltkernels.priors.sampler_class_weights` of the classes that have samples
+    (``"class_aware"`` takes the ``"class_balanced"`` weights 1/n_j, the class frequencies it draws);
+    classes with n_j = 0 get weight 0, so that a label set missing a class still builds a sampler (priors
+    rejects zero counts). cben's d̂ is therefore normalised over the present classes. The formulas are
+    documented there (cben: β_j = a + b·d̂_j, code a=0.9999, b=1e-5; thesis range [0.999, 0.9999] is
+    a=0.999, b=0.0009)."""
+    _check_kind(kind)
     n = np.asarray(cls_num_list, dtype=np.float64)
     pos = n > 0
     w = np.zeros_like(n)
-    if kind == "instance":
-        w[pos] = 1.0
-    elif kind == "class_balanced" or kind == "class_aware":
-        w[pos] = 1.0 / n[pos]
-    elif kind == "sqrt":
-        w[pos] = 1.0 / np.sqrt(n[pos])
-    elif kind == "effective_number":
-        w[pos] = (1.0 - beta) / (1.0 - np.power(beta, n[pos]))
-    elif kind == "cben":
-        d = np.zeros_like(n)
-        d[pos] = np.log(n[pos].max()) - np.log(n[pos])
-        rng = d[pos].max() - d[pos].min() if pos.any() else 0.0
-        dh = (d - d[pos].min()) / rng if rng > 0 else np.zeros_like(d)
-        b = cben_a + cben_b * dh
-        w[pos] = (1.0 - b[pos]) / (1.0 - np.power(b[pos], n[pos]))
-    else:
-        raise ValueError(f"data.sampler={kind!r}: allowed values are {list(SAMPLER_KINDS)}")
+    if pos.any():
+        weight_kind = "class_balanced" if kind == "class_aware" else kind
+        w[pos] = _prior_sampler_class_weights(n[pos], weight_kind, beta, cben_a, cben_b).numpy()
     return w
 
 
@@ -49,8 +50,7 @@ class LTSampler(Sampler):
     def __init__(self, labels: Sequence[int], kind: str = "instance", num_samples: Optional[int] = None,
                  seed: int = 0, rank: int = 0, world_size: int = 1, class_aware_k: int = 4,
                  beta: float = 0.9999, cben_a: float = 0.9999, cben_b: float = 1e-5):
-        if kind not in SAMPLER_KINDS:
-            raise ValueError(f"data.sampler={kind!r}: allowed values are {list(SAMPLER_KINDS)}")
+        _check_kind(kind)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
