@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .heads import HEADS, LWSHead, NormedLinear, fused_normed_linear_cls, make_head, tau_normalize_
+from .heads import HEADS, LWSHead, NormedLinear, make_head, tau_normalize_
 from .resnet_cifar import resnet8, resnet32
 from .small_cnn import DigitsCNN
 
 ARCHS = ("digits_cnn", "resnet8", "resnet32", "resnet50", "resnext50_32x4d", "resnet152")
 
 __all__ = ["ARCHS", "HEADS", "LTModel", "NormedLinear", "LWSHead", "build_model", "make_backbone",
-           "tau_normalize_", "fused_normed_linear_cls"]
+           "tau_normalize_"]
 
 
 def make_backbone(arch: str, **kw) -> nn.Module:

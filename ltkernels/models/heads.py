@@ -26,19 +26,6 @@ class NormedLinear(nn.Module):
         return self.weight.t()
 
 
-def fused_normed_linear_cls():
-    """The fused NormedLinear class when the extension provides one, else None."""
-    for mod in ("ltkernels.cosine", "ltkernels.nn", "ltkernels.losses"):
-        try:
-            m = __import__(mod, fromlist=["NormedLinear"])
-            cls = getattr(m, "NormedLinear", None)
-            if cls is not None:
-                return cls
-        except Exception:  # noqa: BLE001 - extension not built / not written yet
-            pass
-    return None
-
-
 def make_head(kind: str, in_features: int, num_classes: int, cosine_impl: str = "eager") -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_features, num_classes)
@@ -46,11 +33,13 @@ def make_head(kind: str, in_features: int, num_classes: int, cosine_impl: str = 
         if cosine_impl not in ("eager", "fused"):
             raise ValueError(f"model.cosine_impl={cosine_impl!r}: allowed values are ['eager', 'fused']")
         if cosine_impl == "fused":
-            cls = fused_normed_linear_cls()
-            if cls is None:
-                raise RuntimeError("model.cosine_impl='fused' but no fused NormedLinear is importable "
-                                   "(build the extension with tools/build.sh) — use 'eager'")
-            return cls(in_features, num_classes)
+            # imported here: ltkernels.cosine loads the compiled extension, which the eager heads do not need
+            try:
+                from ..cosine import NormedLinear as FusedNormedLinear
+            except ImportError as e:
+                raise RuntimeError("model.cosine_impl='fused' needs the compiled extension (build it with "
+                                   f"tools/build.sh) — or use 'eager': {e}") from e
+            return FusedNormedLinear(in_features, num_classes)
         return NormedLinear(in_features, num_classes)
     raise ValueError(f"model.head={kind!r}: allowed values are {list(HEADS)}")
 
