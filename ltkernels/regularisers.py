@@ -41,6 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .priors import ldam_margins
+
 __all__ = [
     "UNIFORMITY_KERNELS", "uniformity", "uniformity_reference", "HypersphericalUniformity",
     "feature_norm_penalty", "FeatureNormRegulariser", "DecoupledRegularisedLoss", "per_class_margins",
@@ -213,12 +215,9 @@ class FeatureNormRegulariser(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 def per_class_margins(cls_num_list: Sequence[int], max_m: float) -> Tensor:
     """Per-class angular margins ``m_j ∝ n_j^{-1/4}`` scaled to max ``max_m`` (LDAM's rule; the paper's
-    per-class rule is not known — reconstructed from the abstract)."""
-    n = torch.as_tensor(list(cls_num_list), dtype=torch.float64)
-    if n.numel() == 0 or bool((n <= 0).any()):
-        raise ValueError("per_class_margins: cls_num_list must be non-empty with positive counts")
-    m = n.pow(-0.25)
-    return (m * (max_m / m.max())).float()
+    per-class rule is not known — reconstructed from the abstract): :func:`ltkernels.priors.ldam_margins`
+    as float32. Empty, non-finite or non-positive counts raise ``ValueError`` naming the class."""
+    return ldam_margins(cls_num_list, max_m).float()
 
 
 class DecoupledRegularisedLoss(nn.Module):
