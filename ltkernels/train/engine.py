@@ -18,7 +18,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -356,7 +356,11 @@ def noise_generator(seed: int, step: int, call: int, rank: int) -> torch.Generat
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class StageState:
-    """What the loop, the bookkeeping between steps and the checkpoint share within one stage."""
+    """What the loop, the bookkeeping between steps and the checkpoint share within one stage.
+
+    The first fields are what :meth:`Trainer.after_step` and :meth:`Trainer.save` read; the rest are the
+    pieces :meth:`Trainer.fit_stage` builds for its steps (None where a caller, e.g. bench/bench_harness.py,
+    drives the step itself)."""
     si: int
     cfg: dict
     model: nn.Module
@@ -368,6 +372,17 @@ class StageState:
     log_every: int = 0
     ck_every: int = 0
     progress: object = None
+    params: Optional[List[torch.Tensor]] = None   # the trainable parameters (stage 2: the head's)
+    wrapped: Optional[nn.Module] = None   # the model as the step and evaluation call it (DDP under torchrun)
+    driver: object = None                 # the loss of loss.impl (a LossDriver)
+    other: object = None                  # the other implementation's loss, when train.ref_check_every > 0
+    ref_every: int = 0
+    logit_scale: float = 1.0              # the evaluation's logit scale (eval.logit_scale, or the loss's)
+    per_rank_bs: int = 0
+    best_path: str = ""
+    runner: Optional["StepRunner"] = None
+    loader: Optional[DataLoader] = None
+    loader_gen: Optional[torch.Generator] = None   # the training loader's generator, re-seeded every epoch
 
 
 class Trainer:
@@ -457,130 +472,194 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------
     def fit_stage(self, si: int, scfg: dict, state: Optional[dict]) -> dict:
-        ds, C, counts = self.ds, self.ds["num_classes"], self.ds["cls_num_list"]
+        """Train stage ``si`` for its ``optim.epochs`` (from the checkpoint ``state`` when it resumes this
+        stage) and test its last and best-by-validation models; returns the stage's result row.
+
+        The checkpoint goes in once the optimizer and scaler it restores exist, after the loss drivers, the
+        sampler and the DDP wrapper (the order this loop has always had), and before the step runner is built
+        (the runner takes the restored running loss of an interrupted epoch)."""
+        st = self.build_stage(si, scfg)
+        start_epoch, start_step = self.restore_stage(st, state)
+        self.build_loop(st)
+        for epoch in range(start_epoch, int(scfg["optim"]["epochs"])):
+            self.train_epoch(st, epoch, start_step if epoch == start_epoch else 0)
+            self.end_epoch(st, epoch)
+        return self.test_stage(st)
+
+    # -- fit_stage's steps ------------------------------------------------------------------------------
+    def build_stage(self, si: int, scfg: dict) -> StageState:
+        """The stage's optimizer, gradient scaler, loss driver(s), sampler and DDP wrapper, with a fresh
+        start's best-so-far and loss statistics (:meth:`restore_stage` replaces them on a resume)."""
         model = self.model
-        E = int(scfg["optim"]["epochs"])
         o = scfg["optim"]
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]   # a frozen backbone is not optimised
         opt = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
                               nesterov=o["nesterov"])
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
-        driver = LossDriver(scfg["loss"], counts, E, device=self.device)
-        driver.bind_head(model.head)  # regularised losses (ltkernels.regularisers) act on the head's weight
-        ref_every = int(scfg["train"]["ref_check_every"] or 0)
-        other = None
-        if ref_every:
-            other_impl = "reference" if driver.impl == "fused" else "fused"
-            if other_impl == "fused" and not fused_available():
-                raise ConfigError("train.ref_check_every > 0 compares loss.impl with the other implementation, "
-                                  "but ltkernels.losses (fused) is not importable")
-            other = LossDriver(scfg["loss"], counts, E, device=self.device, impl=other_impl)
-            other.bind_head(model.head)
+        t = scfg["train"]
+        ref_every = int(t["ref_check_every"] or 0)
+        driver, other = self.make_drivers(scfg, compare=ref_every > 0)
         logit_scale = driver.logit_scale if scfg["eval"]["logit_scale"] == "auto" else float(scfg["eval"]["logit_scale"])
         d = scfg["data"]
         per_rank_bs = d["batch_size"] // self.ws
         if per_rank_bs * self.ws != d["batch_size"]:
             raise ConfigError(f"data.batch_size={d['batch_size']} (global) must be divisible by the world size {self.ws}")
-        sampler = LTSampler(ds["train"].targets, d["sampler"], seed=scfg["seed"] + 7 * si, rank=self.rank,
+        sampler = LTSampler(self.ds["train"].targets, d["sampler"], seed=scfg["seed"] + 7 * si, rank=self.rank,
                             world_size=self.ws, class_aware_k=d["class_aware_k"], beta=d["sampler_beta"],
                             cben_a=d["cben_a"], cben_b=d["cben_b"])
         wrapped = model
         if self.ws > 1:
             wrapped = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        start_epoch, start_step = 0, 0
-        best = {"top1": -1.0, "epoch": -1}
-        best_path = os.path.join(self.out, f"best_stage{si + 1}.pt")
-        running = None
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            start_epoch, start_step = state["epoch"], state["step"]
-            best = state["best"]
-            running = state["running"]
-            set_rng_state(state["rng"][self.rank] if len(state["rng"]) > self.rank else state["rng"][0])
-        st = StageState(si=si, cfg=scfg, model=model, opt=opt, scaler=scaler, sampler=sampler, best=best,
-                        stats=LossStats(running), log_every=int(scfg["train"]["log_every"] or 0),
-                        ck_every=int(scfg["train"]["ckpt_every_steps"] or 0))
-        runner = StepRunner(wrapped, params, opt, scaler, driver, scfg, self.device, self.amp_dtype, st.stats,
-                            self.rank)
-        runner.keep_last = other is not None
-        val = ds["val"] if scfg["eval"]["select"] == "val" else None
-        eval_set, eval_name = (ds["val"], "val") if ds["val"] is not None else (ds["test"], "test")
-        progress = scfg["train"]["progress"] and self.rank == 0
-        max_steps = scfg["train"].get("max_steps_per_epoch")
-        tag = f"{self.cfg['name']} s{si + 1}" if len(self.stages) > 1 else self.cfg["name"]
-        # one loader for the stage, so that persistent workers survive the epochs; its generator (the workers'
-        # base seed) is re-seeded per epoch
-        g = torch.Generator()
-        loader = DataLoader(ds["train"], batch_size=per_rank_bs, sampler=sampler, drop_last=d["drop_last"],
-                            generator=g, **loader_options(d, self.device))
-        evaluate_kw = dict(cfg=scfg, device=self.device, cls_num_list=counts, num_classes=C,
-                           logit_scale=logit_scale, amp_dtype=self.amp_dtype)
+        return StageState(si=si, cfg=scfg, model=model, opt=opt, scaler=scaler, sampler=sampler,
+                          best={"top1": -1.0, "epoch": -1}, stats=LossStats(), log_every=int(t["log_every"] or 0),
+                          ck_every=int(t["ckpt_every_steps"] or 0), params=params, wrapped=wrapped, driver=driver,
+                          other=other, ref_every=ref_every, logit_scale=logit_scale,
+                          per_rank_bs=per_rank_bs, best_path=os.path.join(self.out, f"best_stage{si + 1}.pt"))
 
-        for epoch in range(start_epoch, E):
-            driver.set_epoch(epoch)
-            if other is not None:
-                other.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            step0 = start_step if epoch == start_epoch else 0
-            sampler.set_start(step0 * per_rank_bs)
-            g.manual_seed(scfg["seed"] * 7919 + epoch * 31 + si)
-            n_steps = len(loader) + step0
-            if max_steps:
-                n_steps = min(n_steps, int(max_steps))
-            if step0 == 0:   # a mid-epoch resume continues the epoch's running loss from the checkpoint
-                st.stats = runner.stats = LossStats()
-            model.train()
-            if si > 0 and scfg.get("freeze_backbone", True):
-                model.backbone.eval()
-            it = loader
-            if progress:
-                from tqdm import tqdm
-                it = tqdm(loader, total=n_steps - step0, desc=f"{tag} ep {epoch + 1}/{E}", leave=False,
-                          dynamic_ncols=True)
-            st.progress = it if progress else None
-            for step, (x, y) in enumerate(it, start=step0):
-                if step >= n_steps:
-                    break
-                runner(x, y, epoch, step, n_steps, self.global_step)
-                if other is not None and self.global_step % ref_every == 0:
-                    self.reference_check(driver, other, *runner.last, scfg, si, epoch)
-                self.after_step(st, epoch, step, n_steps)
-            # ---- end of epoch: evaluate, select, log, checkpoint
-            st.stats.flush()
-            row = {"stage": si + 1, "epoch": epoch + 1, "lr": lr_at(o, epoch), **st.stats.means()}
-            every = int(scfg["eval"]["every"] or 0)
-            if every and ((epoch + 1) % every == 0 or epoch + 1 == E):
-                m = evaluate(wrapped, eval_set, loader=self.eval_loader_of(eval_set, scfg), **evaluate_kw)
-                row.update({f"{eval_name}_{k}": v for k, v in m.items() if not isinstance(v, list)})
-                row["feat_norm_per_class"] = m.get("feat_norm_per_class")
-                if val is not None and m["top1"] > st.best["top1"]:
-                    st.best = {"top1": m["top1"], "epoch": epoch + 1}
-                    if self.rank == 0:
-                        atomic_save(model.state_dict(), best_path)
-            self.history.append(row)
-            self.log_row(row)
-            self.save(st, epoch + 1, 0, done=False)
-        # ---- stage end: test the last (and best-by-validation) model
-        best = st.best
-        res = {"stage": si + 1, "epochs": E, "loss": scfg["loss"]["name"], "best_epoch": best["epoch"],
-               "best_path": best_path if best["epoch"] > 0 else None}
-        test_loader = self.eval_loader_of(ds["test"], scfg)
-        res["test_last"] = evaluate(wrapped, ds["test"], loader=test_loader, **evaluate_kw)
+    def make_drivers(self, scfg: dict, compare: bool) -> Tuple[LossDriver, Optional[LossDriver]]:
+        """``(driver, other)``: the loss of ``loss.impl`` and, with ``compare`` (``train.ref_check_every > 0``),
+        the same loss in the other implementation for :meth:`reference_check` (else None). Both act on the model's head
+        (the regularised losses of ltkernels.regularisers read its weight)."""
+        counts, E = self.ds["cls_num_list"], int(scfg["optim"]["epochs"])
+        driver = LossDriver(scfg["loss"], counts, E, device=self.device)
+        driver.bind_head(self.model.head)
+        other = None
+        if compare:
+            other_impl = "reference" if driver.impl == "fused" else "fused"
+            if other_impl == "fused" and not fused_available():
+                raise ConfigError("train.ref_check_every > 0 compares loss.impl with the other implementation, "
+                                  "but ltkernels.losses (fused) is not importable")
+            other = LossDriver(scfg["loss"], counts, E, device=self.device, impl=other_impl)
+            other.bind_head(self.model.head)
+        return driver, other
+
+    def restore_stage(self, st: StageState, state: Optional[dict]) -> Tuple[int, int]:
+        """Put a checkpoint of this stage back (weights, optimizer, scaler, best-so-far, the running loss of
+        an interrupted epoch, this rank's RNG state); returns ``(epoch, step)`` to continue from, ``(0, 0)``
+        for a fresh stage."""
+        if state is None:
+            return 0, 0
+        st.model.load_state_dict(state["model"])
+        st.opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            st.scaler.load_state_dict(state["scaler"])
+        st.best = state["best"]
+        st.stats = LossStats(state["running"])
+        # a checkpoint of fewer ranks than this run has: every rank takes rank 0's state
+        set_rng_state(state["rng"][self.rank] if len(state["rng"]) > self.rank else state["rng"][0])
+        return state["epoch"], state["step"]
+
+    def build_loop(self, st: StageState) -> None:
+        """The step runner and the training loader. One loader for the stage, so that persistent workers
+        survive the epochs; its generator (the workers' base seed) is re-seeded per epoch."""
+        st.runner = StepRunner(st.wrapped, st.params, st.opt, st.scaler, st.driver, st.cfg, self.device,
+                               self.amp_dtype, st.stats, self.rank)
+        st.runner.keep_last = st.other is not None   # the reference check re-runs the step's outputs
+        d = st.cfg["data"]
+        st.loader_gen = torch.Generator()
+        st.loader = DataLoader(self.ds["train"], batch_size=st.per_rank_bs, sampler=st.sampler,
+                               drop_last=d["drop_last"], generator=st.loader_gen, **loader_options(d, self.device))
+
+    def train_epoch(self, st: StageState, epoch: int, step0: int) -> None:
+        """The steps of one epoch, from ``step0`` (> 0 when a mid-epoch checkpoint resumes it), each followed
+        by the reference check when one is due and by :meth:`after_step`."""
+        n_steps = self.begin_epoch(st, epoch, step0)
+        st.progress = self.progress_bar(st, epoch, step0, n_steps)   # after_step shows the running loss on it
+        batches = st.progress if st.progress is not None else st.loader
+        for step, (x, y) in enumerate(batches, start=step0):
+            if step >= n_steps:
+                break
+            st.runner(x, y, epoch, step, n_steps, self.global_step)
+            if st.other is not None and self.global_step % st.ref_every == 0:
+                self.reference_check(st.driver, st.other, *st.runner.last, st.cfg, st.si, epoch)
+            self.after_step(st, epoch, step, n_steps)
+
+    def begin_epoch(self, st: StageState, epoch: int, step0: int) -> int:
+        """Set what depends on the epoch: the losses' schedules (DRW, KPS-GA, FBL), the sampler's draw and its
+        start within this rank's shard, the loader's worker seed, the running loss and the train/eval modes.
+        Returns the epoch's number of steps (counting the ``step0`` already taken)."""
+        scfg = st.cfg
+        st.driver.set_epoch(epoch)
+        if st.other is not None:
+            st.other.set_epoch(epoch)
+        st.sampler.set_epoch(epoch)
+        st.sampler.set_start(step0 * st.per_rank_bs)
+        st.loader_gen.manual_seed(scfg["seed"] * 7919 + epoch * 31 + st.si)
+        n_steps = len(st.loader) + step0   # the loader's length counts the steps left after the start
+        max_steps = scfg["train"].get("max_steps_per_epoch")
+        if max_steps:
+            n_steps = min(n_steps, int(max_steps))
+        if step0 == 0:   # a mid-epoch resume continues the epoch's running loss from the checkpoint
+            st.stats = st.runner.stats = LossStats()
+        st.model.train()
+        if st.si > 0 and scfg.get("freeze_backbone", True):
+            st.model.backbone.eval()   # a frozen backbone keeps its BatchNorm statistics
+        return n_steps
+
+    def progress_bar(self, st: StageState, epoch: int, step0: int, n_steps: int):
+        """The loader wrapped in a tqdm bar, on rank 0 when ``train.progress`` is set; else None."""
+        if not (st.cfg["train"]["progress"] and self.rank == 0):
+            return None
+        from tqdm import tqdm
+        name = self.cfg["name"]
+        tag = f"{name} s{st.si + 1}" if len(self.stages) > 1 else name
+        E = int(st.cfg["optim"]["epochs"])
+        return tqdm(st.loader, total=n_steps - step0, desc=f"{tag} ep {epoch + 1}/{E}", leave=False,
+                    dynamic_ncols=True)
+
+    def end_epoch(self, st: StageState, epoch: int) -> None:
+        """End of an epoch: evaluate when ``eval.every`` says so (on val, else test), keep the best-by-validation
+        weights, append the epoch's row to the history and the logs, checkpoint."""
+        scfg = st.cfg
+        st.stats.flush()
+        row = {"stage": st.si + 1, "epoch": epoch + 1, "lr": lr_at(scfg["optim"], epoch), **st.stats.means()}
+        every = int(scfg["eval"]["every"] or 0)
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == int(scfg["optim"]["epochs"])):
+            ds = self.ds
+            eval_set, eval_name = (ds["val"], "val") if ds["val"] is not None else (ds["test"], "test")
+            m = self.evaluate_stage(st, eval_set)
+            row.update({f"{eval_name}_{k}": v for k, v in m.items() if not isinstance(v, list)})
+            row["feat_norm_per_class"] = m.get("feat_norm_per_class")
+            selects = scfg["eval"]["select"] == "val" and ds["val"] is not None
+            if selects and m["top1"] > st.best["top1"]:
+                st.best = {"top1": m["top1"], "epoch": epoch + 1}
+                if self.rank == 0:
+                    atomic_save(st.model.state_dict(), st.best_path)
+        self.history.append(row)
+        self.log_row(row)
+        self.save(st, epoch + 1, 0, done=False)
+
+    def test_stage(self, st: StageState) -> dict:
+        """Stage end: test the last model and, when validation selected an epoch, the best one; the stage's
+        result row (``test`` is the selected model's metrics)."""
+        best, scfg = st.best, st.cfg
+        res = {"stage": st.si + 1, "epochs": int(scfg["optim"]["epochs"]), "loss": scfg["loss"]["name"],
+               "best_epoch": best["epoch"], "best_path": st.best_path if best["epoch"] > 0 else None}
+        res["test_last"] = self.evaluate_stage(st, self.ds["test"])
         if best["epoch"] > 0:
-            last_state = copy.deepcopy(model.state_dict())
-            if self.ws > 1:
-                dist.barrier()
-            model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False))
-            res["test_best"] = evaluate(wrapped, ds["test"], loader=test_loader, **evaluate_kw)
-            model.load_state_dict(last_state)
+            res["test_best"] = self.evaluate_best(st, self.ds["test"])
         res["test"] = res.get("test_best", res["test_last"])
         res["selected"] = f"best val epoch {best['epoch']}" if best["epoch"] > 0 else "last epoch"
         self.ref_summary(res)
         return res
+
+    def evaluate_best(self, st: StageState, dataset) -> Dict:
+        """Evaluate the best-by-validation weights, then put the last weights back (a later stage starts from
+        them unless its ``init`` is ``best``)."""
+        last_state = copy.deepcopy(st.model.state_dict())
+        if self.ws > 1:
+            dist.barrier()   # rank 0 wrote the best weights
+        st.model.load_state_dict(torch.load(st.best_path, map_location="cpu", weights_only=False))
+        out = self.evaluate_stage(st, dataset)
+        st.model.load_state_dict(last_state)
+        return out
+
+    def evaluate_stage(self, st: StageState, dataset) -> Dict:
+        """:func:`evaluate` of the stage's model on ``dataset`` with the stage's settings and cached loader."""
+        return evaluate(st.wrapped, dataset, cfg=st.cfg, device=self.device, cls_num_list=self.ds["cls_num_list"],
+                        num_classes=self.ds["num_classes"], logit_scale=st.logit_scale, amp_dtype=self.amp_dtype,
+                        loader=self.eval_loader_of(dataset, st.cfg))
 
     def eval_loader_of(self, dataset, scfg: dict) -> DataLoader:
         """One evaluation loader per split and stage configuration, so that persistent workers are reused."""
