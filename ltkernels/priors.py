@@ -309,3 +309,84 @@ def sampler_class_weights(
             f"[{betas.min().item()}, {betas.max().item()}] for cben_a={cben_a}, cben_b={cben_b}"
         )
     return (1.0 - betas) / (1.0 - torch.pow(betas, n))
+
+
+# --------------------------------------------------------------------------------------------------
+# Constructor arguments -> the per-class vectors of each loss module
+# --------------------------------------------------------------------------------------------------
+# The eager references (ltkernels.reference) and the fused modules (ltkernels.losses) are separate classes;
+# what they share is this mapping: each function below takes the constructor arguments a module's vectors
+# depend on and returns them keyed by the module's buffer name (float64 CPU, as everything here), so that
+# both classes register the same buffers from the same formulas, and a test can compare the two.
+
+
+def check_scale(s: float, name: str = "s") -> float:
+    """A loss's logit scale: a number ``> 0`` (NaN rejected). Returns it unchanged."""
+    if not s > 0:
+        raise ValueError(f"{name} must be > 0, got {s}")
+    return s
+
+
+def check_gamma(gamma: float, name: str = "gamma") -> float:
+    """A focal exponent: a number ``>= 0`` (NaN rejected). Returns it unchanged."""
+    if not gamma >= 0:
+        raise ValueError(f"{name} must be >= 0, got {gamma}")
+    return gamma
+
+
+def logit_adjustments(cls_num_list: CountsLike, tau: float = 1.0) -> Tensor:
+    """Logit-adjustment column bias ``tau * log(pi_j + 1e-12)`` (Menon et al., ICLR 2021), with
+    :func:`log_prior`."""
+    return float(tau) * log_prior(cls_num_list)
+
+
+def log_counts(cls_num_list: CountsLike) -> Tensor:
+    """Balanced-softmax column bias ``log n_j`` (Ren et al., NeurIPS 2020)."""
+    return torch.log(counts_tensor(cls_num_list))
+
+
+def ldam_vectors(cls_num_list: CountsLike, max_m: float = 0.5) -> dict[str, Tensor]:
+    """``LDAMLoss(cls_num_list, max_m, ...)``: ``{"m_list": ldam_margins(cls_num_list, max_m)}``."""
+    return {"m_list": ldam_margins(cls_num_list, max_m)}
+
+
+def kps_vectors(cls_num_list: CountsLike, max_m: float = 0.5, s: float = 30.0,
+                flip_compat: bool = False) -> dict[str, Tensor]:
+    """``KPSLoss(cls_num_list, max_m, s=s, flip_compat=...)``: column radius ``s_list``
+    (:func:`kps_radius`), target margins ``m_list`` (:func:`kps_margins`) and the GA stage's per-target
+    scale ``s_target`` (:func:`kps_target_scale`)."""
+    m, _ = kps_margins(cls_num_list, max_m, flip_compat=flip_compat)
+    return {"s_list": kps_radius(cls_num_list), "m_list": m,
+            "s_target": kps_target_scale(cls_num_list, s, flip_compat=flip_compat)}
+
+
+def logit_adjust_vectors(cls_num_list: CountsLike, tau: float = 1.0) -> dict[str, Tensor]:
+    """``LogitAdjustLoss(cls_num_list, tau)``: ``{"logit_adjustments": logit_adjustments(...)}``."""
+    return {"logit_adjustments": logit_adjustments(cls_num_list, tau)}
+
+
+def balanced_softmax_vectors(cls_num_list: CountsLike) -> dict[str, Tensor]:
+    """``BalancedSoftmaxLoss(cls_num_list)``: ``{"log_counts": log_counts(cls_num_list)}``."""
+    return {"log_counts": log_counts(cls_num_list)}
+
+
+def class_balanced_vectors(cls_num_list: CountsLike, beta: float = 0.9999) -> dict[str, Tensor]:
+    """``ClassBalancedLoss(cls_num_list, beta)``: ``{"weights": class_balanced_weights(...)}``."""
+    return {"weights": class_balanced_weights(cls_num_list, beta)}
+
+
+def gcl_vectors(cls_num_list: CountsLike) -> dict[str, Tensor]:
+    """``GCLLoss`` / ``GCLAngLoss(cls_num_list, ...)``: the normalised cloud sizes,
+    ``{"m_list": cloud_sizes(cls_num_list)}`` (the official code's name)."""
+    return {"m_list": cloud_sizes(cls_num_list)}
+
+
+def fbl_vectors(cls_num_list: CountsLike) -> dict[str, Tensor]:
+    """``FeaBalLoss(cls_num_list, ...)``: ``{"lam_list": fbl_lambda(cls_num_list)}``."""
+    return {"lam_list": fbl_lambda(cls_num_list)}
+
+
+__all__ += [
+    "check_scale", "check_gamma", "logit_adjustments", "log_counts", "ldam_vectors", "kps_vectors",
+    "logit_adjust_vectors", "balanced_softmax_vectors", "class_balanced_vectors", "gcl_vectors", "fbl_vectors",
+]
