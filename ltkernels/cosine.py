@@ -23,7 +23,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (loads the extension; fake kernels and autograd: _ops.py)
-from . import reference as _ref
 
 __all__ = ["cosine_logits", "NormedLinear", "cosine_head_loss"]
 
@@ -157,63 +156,45 @@ class NormedLinear(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Head + loss in row chunks
 # ---------------------------------------------------------------------------------------------------
-class _ReductionProbe:
-    """Stands in for a loss module's ``_mce`` (the cross-entropy workhorse every module of
-    ``ltkernels.losses`` / ``ltkernels.reference`` calls) during one chunk: it asks the real one for the
-    chunk's *sum* (or per-row losses) and records how the module wanted the batch reduced, with the
-    chunk's share of the denominator of a (weighted) mean."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.kind: Optional[str] = None
-        self.denom: Optional[Tensor] = None
-        self.calls = 0
-
-    def __call__(self, input: Tensor, target: Tensor, **kw):
-        red = kw.pop("reduction", "mean")
-        focal = kw.get("focal_gamma") is not None
-        if red == "none":
-            kind = "none"
-        elif red == "sum":
-            kind = "sum"
-        elif red == "batch_mean" or (red == "mean" and focal):
-            kind = "batch"  # sum / N (the focal 'mean' of the official code too)
-        elif red == "mean":
-            kind = "mean"
-            tgt = torch.as_tensor(target).to(device=input.device, dtype=torch.long)
-            valid = tgt != int(kw.get("ignore_index", -100))
-            w = kw.get("weight")
-            if w is None:
-                self.denom = valid.sum().to(input.dtype)
-            else:
-                w = torch.as_tensor(w).to(device=input.device, dtype=input.dtype)
-                if w.dim() == 0:
-                    w = w.expand(input.shape[1])
-                self.denom = (w[torch.where(valid, tgt, torch.zeros_like(tgt))] * valid).sum()
-        else:
-            raise ValueError(f"cosine_head_loss: unsupported reduction {red!r}")
-        self.kind = kind
-        self.calls += 1
-        return self.inner(input, target, reduction="none" if kind == "none" else "sum", **kw)
+def _reduction_of(call) -> tuple[str, Optional[Tensor]]:
+    """How a loss's :class:`~ltkernels.reference.CrossEntropyCall` reduces its batch: ``"none"``, ``"sum"``,
+    ``"batch"`` (sum / N: ``batch_mean`` and the focal 'mean' of the official code) or ``"mean"``, with this
+    chunk's share of the (weighted) mean's denominator (None for the other kinds)."""
+    kw = call.kwargs
+    red = kw.get("reduction", "mean")
+    focal = kw.get("focal_gamma") is not None
+    if red in ("none", "sum"):
+        return red, None
+    if red == "batch_mean" or (red == "mean" and focal):
+        return "batch", None
+    if red != "mean":
+        raise ValueError(f"cosine_head_loss: unsupported reduction {red!r}")
+    input = call.input
+    tgt = torch.as_tensor(call.target).to(device=input.device, dtype=torch.long)
+    valid = tgt != int(kw.get("ignore_index", -100))
+    w = kw.get("weight")
+    if w is None:
+        return "mean", valid.sum().to(input.dtype)
+    w = torch.as_tensor(w).to(device=input.device, dtype=input.dtype)
+    if w.dim() == 0:
+        w = w.expand(input.shape[1])
+    return "mean", (w[torch.where(valid, tgt, torch.zeros_like(tgt))] * valid).sum()
 
 
 def _call_chunk(loss: nn.Module, cos: Tensor, target: Tensor, noise: Optional[Tensor]):
     """loss(cos, target[, noise=noise]) with the module's reduction turned into a sum; returns
-    (value, kind, denominator share)."""
-    if not isinstance(loss, _ref._Loss):
+    (value, kind, denominator share).
+
+    The module spells out its cross-entropy call (``loss.cross_entropy_call``: function, input, target and
+    keyword arguments, reduction included); the chunk runs that call with ``reduction="sum"`` (or "none").
+    Nothing on the module is patched or redirected, so threads may share one module."""
+    spell = getattr(loss, "cross_entropy_call", None)
+    if not callable(spell):
         raise TypeError("cosine_head_loss: `loss` must be a loss module of ltkernels.losses or ltkernels.reference "
-                        f"(one that computes through `_mce`), got {type(loss).__name__}")
-    probe = _ReductionProbe(loss._ce_kernel)
-    # redirected for this module in this thread only (a context variable, not a patched instance)
-    token = _ref._CE_REDIRECT.set((loss, probe))
-    try:
-        out = loss(cos, target) if noise is None else loss(cos, target, noise=noise)
-    finally:
-        _ref._CE_REDIRECT.reset(token)
-    if probe.calls != 1:
-        raise TypeError(f"cosine_head_loss: {type(loss).__name__} called its cross-entropy {probe.calls} times per "
-                        "call; only single-call loss modules can be chunked")
-    return out, probe.kind, probe.denom
+                        f"(one with a `cross_entropy_call` method), got {type(loss).__name__}")
+    call = spell(cos, target) if noise is None else spell(cos, target, noise=noise)
+    kind, denom = _reduction_of(call)
+    return call.run(reduction="none" if kind == "none" else "sum"), kind, denom
 
 
 def _chunk_bounds(n: int, chunk: int):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import losses as _fused
 from . import reference as _ref
 from .functional import draw_seed
 
@@ -36,9 +37,9 @@ def mixup_loss(criterion: torch.nn.Module, input: Tensor, y_a: Tensor, y_b: Tens
         raise ValueError(f"draws must be 'one' or 'two', got {draws!r}")
     if not 0.0 <= float(lam) <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
-    cloud = isinstance(criterion, (_ref.GCLLoss, _ref.GCLAngLoss))
+    fused = isinstance(criterion, (_fused.GCLLoss, _fused.GCLAngLoss))  # in-kernel noise: seed and offset
+    cloud = fused or isinstance(criterion, (_ref.GCLLoss, _ref.GCLAngLoss))
     if cloud and "noise" not in forward_kwargs:
-        fused = criterion._ce_kernel is not _ref.margin_cross_entropy
         if fused:
             seed = draw_seed(getattr(criterion, "generator", None))
             la = criterion(input, y_a, seed=seed, offset=0, **forward_kwargs)

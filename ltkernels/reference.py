@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from contextvars import ContextVar
-from typing import Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -25,15 +24,15 @@ from torch import Tensor
 
 from .priors import (
     CountsLike,
-    class_balanced_weights,
-    cloud_sizes,
-    counts_tensor,
-    fbl_lambda,
-    kps_margins,
-    kps_radius,
-    kps_target_scale,
-    ldam_margins,
-    log_prior,
+    balanced_softmax_vectors,
+    check_gamma,
+    check_scale,
+    class_balanced_vectors,
+    fbl_vectors,
+    gcl_vectors,
+    kps_vectors,
+    ldam_vectors,
+    logit_adjust_vectors,
 )
 
 __all__ = [
@@ -51,6 +50,7 @@ __all__ = [
     "ArcFaceLoss",
     "FeaBalLoss",
     "draw_gcl_noise",
+    "CrossEntropyCall",
 ]
 
 _REDUCTIONS = ("none", "sum", "mean", "batch_mean")
@@ -280,31 +280,46 @@ def _noise_like(cosine: Tensor, noise: Optional[Tensor]) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-# (module, callable): the module whose cross-entropy call is redirected to the callable. A context
-# variable, so each thread (and asyncio task) sees only its own redirection: cosine_head_loss used from
-# several threads with one loss module must not see another thread's chunk.
-_CE_REDIRECT: ContextVar[Optional[tuple]] = ContextVar("ltkernels_ce_redirect", default=None)
+class CrossEntropyCall(NamedTuple):
+    """One loss call spelled out: ``function(input, target, **kwargs)``.
+
+    Every loss module of :mod:`ltkernels.reference` and :mod:`ltkernels.losses` builds its forward from one
+    cross-entropy call and returns it from ``cross_entropy_call(...)`` (same arguments as ``forward``); its
+    ``forward`` is ``cross_entropy_call(...).run()``. ``input`` is what the cross-entropy sees (the reference
+    GCL, GCLAng, ArcFace and FBL first build their logits from the module's input; the fused modules pass it
+    through), ``kwargs`` the module's arguments of ``function`` (``margin_cross_entropy`` of this module, or
+    ``ltkernels.functional.margin_cross_entropy`` / ``cross_entropy``), ``reduction`` included.
+
+    :func:`ltkernels.cosine_head_loss` reads the reduction and the class weights from it and runs it per
+    chunk with ``run(reduction="sum")``: nothing on the module changes, so one module can serve several
+    threads at once.
+    """
+
+    function: Callable[..., Tensor]
+    input: Tensor
+    target: Tensor
+    kwargs: dict
+
+    def run(self, **overrides) -> Tensor:
+        """``function(input, target, **kwargs)``, with ``overrides`` replacing entries of ``kwargs``."""
+        kw = {**self.kwargs, **overrides} if overrides else self.kwargs
+        return self.function(self.input, self.target, **kw)
 
 
 class _Loss(nn.Module):
-    """Base of the reference modules. ``_mce`` is the cross-entropy workhorse they call; it runs
-    ``_ce_kernel``, which the fused modules of :mod:`ltkernels.losses` (subclasses of these) replace with
-    the fused kernel, so both share the mapping from constructor arguments to per-class vectors while the
-    math underneath differs."""
-
-    _ce_kernel = staticmethod(margin_cross_entropy)  # the fused modules swap in the fused kernel
-
-    def _mce(self, input: Tensor, target: Tensor, **kw) -> Tensor:
-        """The module's cross-entropy: ``self._ce_kernel(input, target, **kw)``, unless
-        :func:`ltkernels.cosine_head_loss` has redirected this module's call in the current thread
-        (see ``_CE_REDIRECT``)."""
-        redirect = _CE_REDIRECT.get()
-        if redirect is not None and redirect[0] is self:
-            return redirect[1](input, target, **kw)
-        return self._ce_kernel(input, target, **kw)
+    """Base of the reference modules: per-class vectors (from :mod:`ltkernels.priors`, the same functions
+    the fused modules of :mod:`ltkernels.losses` use) held as non-persistent buffers, and ``forward`` as
+    one :class:`CrossEntropyCall` of :func:`margin_cross_entropy` (``cross_entropy_call``)."""
 
     def _buf(self, name: str, value: Tensor) -> None:
         self.register_buffer(name, value, persistent=False)
+
+    def _bufs(self, vectors: Mapping[str, Tensor]) -> None:
+        for name, value in vectors.items():
+            self._buf(name, value)
+
+    def _call(self, input: Tensor, target: Tensor, **kwargs) -> CrossEntropyCall:
+        return CrossEntropyCall(margin_cross_entropy, input, target, kwargs)
 
 
 class CrossEntropyLoss(_Loss):
@@ -318,11 +333,14 @@ class CrossEntropyLoss(_Loss):
         self.reduction = reduction
         self.label_smoothing = label_smoothing
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self._mce(
+    def cross_entropy_call(self, input: Tensor, target: Tensor) -> CrossEntropyCall:
+        return self._call(
             input, target, weight=self.weight, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
         )
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return self.cross_entropy_call(input, target).run()
 
 
 class LDAMLoss(_Loss):
@@ -335,15 +353,16 @@ class LDAMLoss(_Loss):
 
     def __init__(self, cls_num_list: CountsLike, max_m: float = 0.5, weight=None, s: float = 30):
         super().__init__()
-        if not s > 0:
-            raise ValueError(f"s must be > 0, got {s}")
-        self._buf("m_list", ldam_margins(cls_num_list, max_m))
+        check_scale(s)
+        self._bufs(ldam_vectors(cls_num_list, max_m))
         self.s = s
         self.weight = weight
 
+    def cross_entropy_call(self, x: Tensor, target: Tensor) -> CrossEntropyCall:
+        return self._call(x, target, scale=self.s, margin=self.m_list, weight=self.weight)
+
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        return self._mce(x, target, scale=self.s, margin=self.m_list,
-                                    weight=self.weight)
+        return self.cross_entropy_call(x, target).run()
 
 
 class KPSLoss(_Loss):
@@ -363,23 +382,22 @@ class KPSLoss(_Loss):
     def __init__(self, cls_num_list: CountsLike, max_m: float = 0.5, weighted: bool = False,
                  weight=None, s: float = 30, flip_compat: bool = False):
         super().__init__()
-        if not s > 0:
-            raise ValueError(f"s must be > 0, got {s}")
-        m, _ = kps_margins(cls_num_list, max_m, flip_compat=flip_compat)
-        self._buf("s_list", kps_radius(cls_num_list))
-        self._buf("m_list", m)
-        self._buf("s_target", kps_target_scale(cls_num_list, s, flip_compat=flip_compat))
+        check_scale(s)
+        self._bufs(kps_vectors(cls_num_list, max_m, s, flip_compat=flip_compat))
         self.s = s
         self.weighted = weighted
         self.weight = weight
         self.flip_compat = flip_compat
 
-    def forward(self, input: Tensor, label: Tensor) -> Tensor:
+    def cross_entropy_call(self, input: Tensor, label: Tensor) -> CrossEntropyCall:
         if self.weighted is True:
-            return self._mce(input, label, col_scale=self.s_list, margin=self.m_list,
-                                        target_scale=self.s_target, weight=self.weight)
-        return self._mce(input, label, scale=self.s, col_scale=self.s_list,
-                                    margin=self.m_list, weight=self.weight)
+            return self._call(input, label, col_scale=self.s_list, margin=self.m_list,
+                              target_scale=self.s_target, weight=self.weight)
+        return self._call(input, label, scale=self.s, col_scale=self.s_list, margin=self.m_list,
+                          weight=self.weight)
+
+    def forward(self, input: Tensor, label: Tensor) -> Tensor:
+        return self.cross_entropy_call(input, label).run()
 
 
 class LogitAdjustLoss(_Loss):
@@ -392,13 +410,15 @@ class LogitAdjustLoss(_Loss):
 
     def __init__(self, cls_num_list: CountsLike, tau: float = 1.0, weight=None):
         super().__init__()
-        self._buf("logit_adjustments", float(tau) * log_prior(cls_num_list))
+        self._bufs(logit_adjust_vectors(cls_num_list, tau))
         self.tau = tau
         self.weight = weight
 
+    def cross_entropy_call(self, input: Tensor, target: Tensor) -> CrossEntropyCall:
+        return self._call(input, target, col_bias=self.logit_adjustments, weight=self.weight)
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self._mce(input, target, col_bias=self.logit_adjustments,
-                                    weight=self.weight)
+        return self.cross_entropy_call(input, target).run()
 
 
 class BalancedSoftmaxLoss(_Loss):
@@ -406,10 +426,13 @@ class BalancedSoftmaxLoss(_Loss):
 
     def __init__(self, cls_num_list: CountsLike):
         super().__init__()
-        self._buf("log_counts", torch.log(counts_tensor(cls_num_list)))
+        self._bufs(balanced_softmax_vectors(cls_num_list))
+
+    def cross_entropy_call(self, input: Tensor, target: Tensor) -> CrossEntropyCall:
+        return self._call(input, target, col_bias=self.log_counts)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self._mce(input, target, col_bias=self.log_counts)
+        return self.cross_entropy_call(input, target).run()
 
 
 class CosFaceLoss(_Loss):
@@ -420,8 +443,11 @@ class CosFaceLoss(_Loss):
         self.s = s
         self.m = m
 
+    def cross_entropy_call(self, cosine: Tensor, target: Tensor) -> CrossEntropyCall:
+        return self._call(cosine, target, scale=self.s, margin=self.m)
+
     def forward(self, cosine: Tensor, target: Tensor) -> Tensor:
-        return self._mce(cosine, target, scale=self.s, margin=self.m)
+        return self.cross_entropy_call(cosine, target).run()
 
 
 class FocalLoss(_Loss):
@@ -434,15 +460,17 @@ class FocalLoss(_Loss):
 
     def __init__(self, weight=None, gamma: float = 0.0, detach: bool = True):
         super().__init__()
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        check_gamma(gamma)
         self.weight = weight
         self.gamma = gamma
         self.detach = detach
 
+    def cross_entropy_call(self, input: Tensor, target: Tensor) -> CrossEntropyCall:
+        return self._call(input, target, weight=self.weight, focal_gamma=self.gamma,
+                          focal_detach=self.detach)
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return self._mce(input, target, weight=self.weight, focal_gamma=self.gamma,
-                                    focal_detach=self.detach)
+        return self.cross_entropy_call(input, target).run()
 
 
 class ClassBalancedLoss(_Loss):
@@ -461,18 +489,20 @@ class ClassBalancedLoss(_Loss):
         super().__init__()
         if loss_type not in ("softmax", "focal"):
             raise ValueError(f"loss_type must be 'softmax' or 'focal', got {loss_type!r}")
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        self._buf("weights", class_balanced_weights(cls_num_list, beta))
+        check_gamma(gamma)
+        self._bufs(class_balanced_vectors(cls_num_list, beta))
         self.beta = beta
         self.loss_type = loss_type
         self.gamma = gamma
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def cross_entropy_call(self, input: Tensor, target: Tensor) -> CrossEntropyCall:
         if self.loss_type == "focal":
-            return self._mce(input, target, weight=self.weights, reduction="batch_mean",
-                                        focal_gamma=self.gamma, focal_detach=False)
-        return self._mce(input, target, weight=self.weights, reduction="batch_mean")
+            return self._call(input, target, weight=self.weights, reduction="batch_mean",
+                              focal_gamma=self.gamma, focal_detach=False)
+        return self._call(input, target, weight=self.weights, reduction="batch_mean")
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return self.cross_entropy_call(input, target).run()
 
 
 class GCLLoss(_Loss):
@@ -491,9 +521,8 @@ class GCLLoss(_Loss):
     def __init__(self, cls_num_list: CountsLike, m: float = 0.5, weight=None, s: float = 30,
                  train_cls: bool = False, noise_mul: float = 1.0, gamma: float = 0.0):
         super().__init__()
-        if not s > 0:
-            raise ValueError(f"s must be > 0, got {s}")
-        self._buf("m_list", cloud_sizes(cls_num_list))  # normalised delta_hat
+        check_scale(s)
+        self._bufs(gcl_vectors(cls_num_list))  # m_list: normalised delta_hat
         self.m = m
         self.s = s
         self.weight = weight
@@ -501,14 +530,18 @@ class GCLLoss(_Loss):
         self.noise_mul = noise_mul
         self.gamma = gamma
 
-    def forward(self, cosine: Tensor, target: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+    def cross_entropy_call(self, cosine: Tensor, target: Tensor,
+                           noise: Optional[Tensor] = None) -> CrossEntropyCall:
         eps = _noise_like(cosine, noise).clamp(-1.0, 1.0).abs()
         d = self.m_list.to(device=cosine.device, dtype=cosine.dtype)
         c = cosine - float(self.noise_mul) * eps * d
-        return self._mce(
+        return self._call(
             c, target, scale=self.s, margin=self.m, weight=self.weight,
             focal_gamma=self.gamma if self.train_cls else None, focal_detach=True,
         )
+
+    def forward(self, cosine: Tensor, target: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+        return self.cross_entropy_call(cosine, target, noise).run()
 
 
 class GCLAngLoss(_Loss):
@@ -535,9 +568,8 @@ class GCLAngLoss(_Loss):
                  weight=None, s: float = 30, easy_margin: bool = False, train_cls: bool = False,
                  gamma: float = 0.0):
         super().__init__()
-        if not s > 0:
-            raise ValueError(f"s must be > 0, got {s}")
-        self._buf("m_list", cloud_sizes(cls_num_list))
+        check_scale(s)
+        self._bufs(gcl_vectors(cls_num_list))
         self.m = m
         self.epsilon = epsilon
         self.s = s
@@ -546,7 +578,8 @@ class GCLAngLoss(_Loss):
         self.train_cls = train_cls
         self.gamma = gamma
 
-    def forward(self, cosine: Tensor, target: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+    def cross_entropy_call(self, cosine: Tensor, target: Tensor,
+                           noise: Optional[Tensor] = None) -> CrossEntropyCall:
         target, safe_t, _ = _check_target(cosine, target, -100)
         eps = _noise_like(cosine, noise).clamp(-1.0, 1.0)
         d = self.m_list.to(device=cosine.device, dtype=cosine.dtype)
@@ -559,10 +592,13 @@ class GCLAngLoss(_Loss):
             out = torch.where(cosine > 0, phi, cosine)
         else:
             out = torch.where(cosine > torch.cos(math.pi - M), phi, cosine - torch.sin(math.pi - M))
-        return self._mce(
+        return self._call(
             out, target, scale=self.s, weight=self.weight,
             focal_gamma=self.gamma if self.train_cls else None, focal_detach=True,
         )
+
+    def forward(self, cosine: Tensor, target: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+        return self.cross_entropy_call(cosine, target, noise).run()
 
 
 class ArcFaceLoss(_Loss):
@@ -582,7 +618,7 @@ class ArcFaceLoss(_Loss):
         self.m = m
         self.easy_margin = easy_margin
 
-    def forward(self, cosine: Tensor, target: Tensor) -> Tensor:
+    def cross_entropy_call(self, cosine: Tensor, target: Tensor) -> CrossEntropyCall:
         target, safe_t, _ = _check_target(cosine, target, -100)
         N, C = cosine.shape
         c = _clamp_cosine(cosine)
@@ -597,7 +633,28 @@ class ArcFaceLoss(_Loss):
                                 c_t - torch.sin(math.pi - m_t) * m_t)
         onehot = F.one_hot(safe_t, C).to(torch.bool) if N > 0 else torch.zeros_like(c, dtype=torch.bool)
         out = torch.where(onehot, out_t.unsqueeze(1), c)
-        return self._mce(out, target, scale=self.s)
+        return self._call(out, target, scale=self.s)
+
+    def forward(self, cosine: Tensor, target: Tensor) -> Tensor:
+        return self.cross_entropy_call(cosine, target).run()
+
+
+def fbl_call_form(input, features, target, curr):
+    """FeaBalLoss's two call forms -> ``(logits, features, labels, curr)``, with shape checks:
+    ``(logits, features, target, curr)`` or the official ``({'feature': f, 'score': l}, labels, curr)``."""
+    if isinstance(input, Mapping):
+        feat, logits, labels = input["feature"], input["score"], features
+        if target is not None:  # official positional form: (out, labels, curr)
+            curr = target
+    else:
+        if target is None:
+            raise ValueError("FeaBalLoss.forward(logits, features, target, curr): target missing")
+        logits, feat, labels = input, features, target
+    if feat.dim() != 2 or feat.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"features must be (N, D) with N={logits.shape[0]}, got {tuple(feat.shape)}"
+        )
+    return logits, feat, labels, curr
 
 
 class FeaBalLoss(_Loss):
@@ -616,32 +673,20 @@ class FeaBalLoss(_Loss):
 
     def __init__(self, cls_num_list: CountsLike, weight=None, lambda_: float = 60.0):
         super().__init__()
-        self._buf("lam_list", fbl_lambda(cls_num_list))
+        self._bufs(fbl_vectors(cls_num_list))
         self.weight = weight
         self.lambda_ = lambda_
 
-    @staticmethod
-    def _call_form(input, features, target, curr):
-        """(logits, features, labels, curr) from either call form, with shape checks."""
-        if isinstance(input, Mapping):
-            feat, logits, labels = input["feature"], input["score"], features
-            if target is not None:  # official positional form: (out, labels, curr)
-                curr = target
-        else:
-            if target is None:
-                raise ValueError("FeaBalLoss.forward(logits, features, target, curr): target missing")
-            logits, feat, labels = input, features, target
-        if feat.dim() != 2 or feat.shape[0] != logits.shape[0]:
-            raise ValueError(
-                f"features must be (N, D) with N={logits.shape[0]}, got {tuple(feat.shape)}"
-            )
-        return logits, feat, labels, curr
+    _call_form = staticmethod(fbl_call_form)
 
-    def forward(self, input, features, target=None, curr=0.0) -> Tensor:
-        logits, feat, labels, curr = self._call_form(input, features, target, curr)
+    def cross_entropy_call(self, input, features, target=None, curr=0.0) -> CrossEntropyCall:
+        logits, feat, labels, curr = fbl_call_form(input, features, target, curr)
         lam = self.lam_list.to(device=logits.device, dtype=logits.dtype)
         norm = torch.linalg.vector_norm(feat, dim=1).to(logits.dtype).unsqueeze(1)
         if isinstance(curr, Tensor):
             curr = curr.to(device=logits.device, dtype=logits.dtype)
         z = logits - curr * float(self.lambda_) * lam / (norm + 1e-12)
-        return self._mce(z, labels, weight=self.weight)
+        return self._call(z, labels, weight=self.weight)
+
+    def forward(self, input, features, target=None, curr=0.0) -> Tensor:
+        return self.cross_entropy_call(input, features, target, curr).run()

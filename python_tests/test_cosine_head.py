@@ -464,9 +464,8 @@ def test_head_loss_layouts_partial_grads_and_no_grad():
 class _GCLPerRow(fused.GCLLoss):
     """Fused GCL with per-row losses (reduction 'none'), in-kernel noise."""
 
-    def forward(self, cosine, target, noise=None):
-        return self._mce(cosine, target, scale=self.s, margin=self.m, cloud=self.m_list, noise=noise,
-                         noise_mul=self.noise_mul, generator=self.generator, reduction="none")
+    def kernel_kwargs(self, cosine, noise=None, seed=None, offset=0):
+        return {**super().kernel_kwargs(cosine, noise, seed, offset), "reduction": "none"}
 
 
 def test_head_loss_per_row_recomputes_with_the_same_noise():

@@ -378,7 +378,8 @@ def test_state_dict_keys_match_reference(name):
     assert sorted(n for n, _ in fused.named_buffers()) == sorted(n for n, _ in refm.named_buffers())
     fused.load_state_dict(refm.state_dict(), strict=True)
     refm.load_state_dict(fused.state_dict(), strict=True)
-    assert isinstance(fused, type(refm))  # subclasses of the reference twins
+    # twins by name, not by inheritance: both build their buffers with the same ltkernels.priors functions
+    assert type(fused).__name__ == type(refm).__name__ and not isinstance(fused, type(refm))
 
 
 def test_every_fused_module_is_covered():
