@@ -13,6 +13,7 @@ import torch
 
 from conftest import devices  # noqa: F401  (the ltk_device fixture iterates over it)
 
+from ltkernels import functional as LF
 from ltkernels import losses as L
 from ltkernels import priors as P
 from ltkernels import reference as R
@@ -380,6 +381,61 @@ def test_state_dict_keys_match_reference(name):
     refm.load_state_dict(fused.state_dict(), strict=True)
     # twins by name, not by inheritance: both build their buffers with the same ltkernels.priors functions
     assert type(fused).__name__ == type(refm).__name__ and not isinstance(fused, type(refm))
+
+
+def _as_plain(v):
+    return v.detach().cpu().double() if isinstance(v, torch.Tensor) else v
+
+
+def _same(a, b) -> bool:
+    a, b = _as_plain(a), _as_plain(b)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_constructor_gives_the_reference_vectors_and_kernel_arguments(name):
+    """The fused module and its reference built from the same constructor arguments hold the same per-class
+    buffers and hyper-parameters, and every argument the reference passes to its cross-entropy is the one the
+    fused module passes to the kernel. The two are separate classes (sharing the priors functions, not code by
+    inheritance), so a constructor-mapping slip on one side shows here even where both compute the same math."""
+    fused, refm, kind = build(name)
+    fb, rb = dict(fused.named_buffers()), dict(refm.named_buffers())
+    assert sorted(fb) == sorted(rb)
+    for k in rb:
+        assert fb[k].dtype == rb[k].dtype == torch.float64, k
+        torch.testing.assert_close(fb[k], rb[k], rtol=0, atol=0, msg=f"{name}: buffer {k}")
+    skip = set(vars(torch.nn.Module()))
+    fa = {k: v for k, v in vars(fused).items() if k not in skip and not k.startswith("_")}
+    ra = {k: v for k, v in vars(refm).items() if k not in skip and not k.startswith("_")}
+    assert set(ra) <= set(fa) and set(fa) - set(ra) <= {"generator"}, (sorted(fa), sorted(ra))
+    for k in ra:
+        assert _same(fa[k], ra[k]), f"{name}: attribute {k}: {fa[k]!r} vs {ra[k]!r}"
+    # the kernel arguments, for a float64 input (no dtype conversion in between)
+    b = make_batch(kind, N=12, seed=21)
+    x, t = b["x"], b["t"]
+    if kind == "fbl":
+        fc, rc = (m.cross_entropy_call(x, b["f"], t, b["curr"]) for m in (fused, refm))
+    elif kind == "gcl":
+        fc, rc = (m.cross_entropy_call(x, t, noise=b["noise"]) for m in (fused, refm))
+    else:
+        fc, rc = (m.cross_entropy_call(x, t) for m in (fused, refm))
+    assert fc.function is (LF.cross_entropy if CASES[name][0] == "CrossEntropyLoss" else LF.margin_cross_entropy)
+    assert rc.function is R.margin_cross_entropy and fc.target is t
+    for k, v in rc.kwargs.items():
+        assert k in fc.kwargs and _same(fc.kwargs[k], v), f"{name}: {k}: {fc.kwargs.get(k)!r} vs {v!r}"
+    assert fc.kwargs.get("reduction", "mean") == rc.kwargs.get("reduction", "mean")
+    # what the fused kernel does itself: the cloud, GCLAng's epsilon, FBL's lambda
+    if "cloud" in fc.kwargs:
+        assert _same(fc.kwargs["cloud"], refm.m_list)
+    if "angular_eps" in fc.kwargs:
+        assert fc.kwargs["angular_eps"] == refm.epsilon
+    if "shift_coef" in fc.kwargs:
+        assert _same(fc.kwargs["shift_coef"], refm.lam_list)
+    # and forward is that call
+    torch.testing.assert_close(fc.run(), call(fused, kind, b, x, b.get("f")), rtol=0, atol=0)
 
 
 def test_every_fused_module_is_covered():
