@@ -497,6 +497,72 @@ def test_head_loss_per_row_recomputes_with_the_same_noise():
             close(a, e, dtype, "per-row grads")
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_head_loss_threads_share_one_loss_module(impl):
+    """Two threads on one loss module at once: one runs cosine_head_loss in many chunks, the other calls the
+    module directly and cosine_head_loss with other chunks; every value and gradient equals the one computed
+    in a single thread. (cosine_head_loss reads the module's cross-entropy call, ``cross_entropy_call``, and
+    runs it per chunk; nothing on the module is swapped for the duration of a chunk, so the other thread's
+    call cannot run into it and get a chunk's sum, or make the chunk see two cross-entropy calls.)"""
+    import sys
+    import threading
+
+    mod = fused if impl == "fused" else ref
+    dtype = torch.float64
+    gen = torch.Generator().manual_seed(17)
+    N, D, C = 24, 6, len(COUNTS)
+    x = torch.randn(N, D, dtype=dtype, generator=gen)
+    w = torch.randn(D, C, dtype=dtype, generator=gen)
+    target = torch.randint(0, C, (N,), generator=gen)
+    noise = torch.randn(N, C, dtype=dtype, generator=gen) / 3
+    weights = torch.linspace(0.5, 2.0, C, dtype=torch.float64)
+    cases = {"LDAM+DRW weights": (mod.LDAMLoss(COUNTS, s=30, weight=weights), {}),
+             "CB batch mean": (mod.ClassBalancedLoss(COUNTS), {}),
+             "GCL weighted, injected noise": (mod.GCLLoss(COUNTS, m=0.1, s=20, weight=weights), {"noise": noise})}
+
+    def value_and_grads(f):
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = f(xx, ww)
+        return (out.detach(), *torch.autograd.grad(out, (xx, ww)))
+
+    fns = {}
+    for name, (loss, kw) in cases.items():
+        fns[name, "chunks of 1"] = lambda a, b, loss=loss, kw=kw: cosine_head_loss(a, b, target, loss, chunk_size=1,
+                                                                                   **kw)
+        fns[name, "chunks of 5"] = lambda a, b, loss=loss, kw=kw: cosine_head_loss(a, b, target, loss, chunk_size=5,
+                                                                                   **kw)
+        fns[name, "module"] = lambda a, b, loss=loss, kw=kw: loss(eager_cos(a, b), target, **kw)
+    single = {k: value_and_grads(f) for k, f in fns.items()}
+    jobs = [[k for k in fns if k[1] == "chunks of 1"], [k for k in fns if k[1] != "chunks of 1"]]
+    barrier = threading.Barrier(len(jobs))
+    got, errors = [], []
+
+    def worker(keys):
+        try:
+            barrier.wait()
+            for _ in range(15):
+                for k in keys:
+                    got.append((k, value_and_grads(fns[k])))
+        except Exception as e:  # reported below
+            errors.append(f"{type(e).__name__}: {e}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: inside every chunk
+    try:
+        threads = [threading.Thread(target=worker, args=(keys,)) for keys in jobs]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+    assert len(got) == 15 * len(fns)
+    for k, res in got:
+        for a, e, what in zip(res, single[k], ("loss", "dx", "dW")):
+            torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m, k=k, what=what: f"{k} {what}: {m}")
+
+
 def _peak_extra_bytes(fn) -> int:
     """Peak bytes allocated by torch's CPU allocator during fn() above what was live before
     (torch.profiler memory events; the same method as bench/conftest.py's peak_memory)."""
