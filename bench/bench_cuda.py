@@ -293,7 +293,8 @@ def measure(step: Callable[[], torch.Tensor], backend: Backend, opts: Options, w
     _, m.peak_bytes = backend.peak_extra_bytes(step)
     backend.sync()
     est = time.perf_counter() - t0
-    n = 1 if est >= opts.min_time else max(opts.min_repeats, min(opts.max_repeats, math.ceil(opts.min_time / est)))
+    # at least min_repeats calls, so that the median means something even for a call slower than min_time
+    n = max(opts.min_repeats, min(opts.max_repeats, math.ceil(opts.min_time / max(est, 1e-9))))
     times = backend.time_calls(step, n)
     m.us, m.us_min, m.repeats = statistics.median(times) * 1e6, min(times) * 1e6, n
     return m
