@@ -286,8 +286,8 @@ def test_margin_ce_shapes_dtypes(L, N, C, dtype):
     _check_vs_op(L, x, t, kw, plan=plan)
     pro, rec = emu.launches()  # the prologue (scalars), then the rows
     assert "margin_ce_prologue_kernel" in pro["kernel"] and pro["grid"] == (1, 1, 1)
-    # fp32 runs the stream kernel for these features; the other dtypes the generic one
-    assert plan["kernel"] == ("margin_ce_stream_kernel" if dtype == torch.float32 else "margin_ce_kernel")
+    # fp32 / fp16 / bf16 run the stream kernel for these features; fp64 the generic one
+    assert plan["kernel"] == ("margin_ce_kernel" if dtype == torch.float64 else "margin_ce_stream_kernel")
     assert f"::{plan['kernel']}<" in rec["kernel"]
     assert rec["grid"] == (plan["blocks"], 1, 1) and rec["block"] == (plan["threads"], 1, 1)
     assert rec["smem"] == plan["smem"]
@@ -376,7 +376,7 @@ STREAM_FEATURES = {
 
 @needs_ops
 @pytest.mark.parametrize("feat", sorted(STREAM_FEATURES))
-@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N,C", [(1, 1), (3, 7), (9, 100), (4, 1030), (3, 2500), (2, 12301)])
 @pytest.mark.parametrize("offsets", [(0, 0), (1, 1), (2, 0)], ids=["aligned", "offset1", "input_only"])
 def test_margin_ce_stream_edge_shapes(L, feat, dtype, N, C, offsets):
@@ -384,13 +384,19 @@ def test_margin_ce_stream_edge_shapes(L, feat, dtype, N, C, offsets):
     block only partly used (9 rows, 8 per block), C spanning several block strides (256 threads x 4 or 8
     columns), the streaming path beyond the 48 KiB logit cache, N = 1, ignore_index rows, and rows that are
     not 16-byte aligned (the input and the gradient offset by one element: 4- or 2-byte pieces; fp32 input
-    two elements off: 8-byte pieces, the (N, 8142) case; an input aligned unlike the gradient)."""
+    two elements off: 8-byte pieces, the (N, 8142) case; an input aligned unlike the gradient, which fp16 /
+    bf16 send to the generic kernel unless the cloud is on)."""
     features, extra = STREAM_FEATURES[feat]
     x, t, kw = margin_ce_case(N, C, dtype, features=features, ignore=True)
     kw.update(extra)
     plan = {}
     emu.clear_launches()
     _check_vs_op(L, x, t, kw, plan=plan, offsets=offsets)
+    rel = (offsets[0] - offsets[1]) * x.element_size() % 16  # input vs gradient offset, bytes mod 16
+    if x.element_size() == 2 and not feat & 8 and rel:
+        # 2-byte types without the cloud have no narrow paths (kNarrowPaths): the generic kernel runs
+        assert plan["kernel"] == "margin_ce_kernel"
+        return
     assert plan["kernel"] == "margin_ce_stream_kernel"
     assert plan["path"] == ("warp_cached" if C <= 1024 else "block_cached" if C <= 12288 else "block_streaming")
     rec = emu.launches()[-1]
@@ -398,7 +404,7 @@ def test_margin_ce_stream_edge_shapes(L, feat, dtype, N, C, offsets):
 
 
 @needs_ops
-@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_margin_ce_stream_loads_16_bytes_on_aligned_rows(L, dtype):
     """The memory model sees the widths the stream kernel moves: 16-byte input loads and gradient stores on
     aligned rows and on rows 2 elements off (their chunks start at the first 16-byte boundary); with the

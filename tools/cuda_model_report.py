@@ -90,7 +90,7 @@ def report() -> str:
       "(32 x 32-byte sectors touched), what Nsight Compute reports as sectors per request; no caches, no "
       "timing. Thresholds: `python_tests/test_emulation_model.py`.")
     w("")
-    w(f"## Fused loss (fp32: margin_ce_stream_kernel; bf16: margin_ce_kernel), N = {N} rows, LDAM-DRW features "
+    w(f"## Fused loss (margin_ce_stream_kernel), N = {N} rows, LDAM-DRW features "
       "(scale, per-class margin, class weights)")
     w("")
     w("| dtype | C | block | input loads: sector efficiency | lanes / request | width | requests / row "
@@ -106,13 +106,15 @@ def report() -> str:
     w("The stream kernels (csrc/cuda/margin_ce_stream.cuh): one warp per row up to 1024 columns (C = 100 here: "
       "4 rows, one block of 4 warps), one block per row above; each lane moves 16-byte chunks starting at the "
       "row's first 16-byte boundary, so full chunks are one 128-bit access per lane and a warp's request covers "
-      "512 contiguous bytes; the columns before that boundary and after the last full chunk are read element by "
-      "element. Pass 1 (max and sum of exp) keeps the row's logits in shared memory (up to 48 KiB per block), so "
-      "pass 2 (the gradient) reads no input: one pass over it. bf16 still runs the generic kernel (one scalar load "
-      "at a time, lanes four elements apart: ~23 %): the stream kernel's half instantiations are not enabled.")
+      "512 contiguous bytes (fp32 4 columns a lane, bf16 8); the columns before that boundary and after the last "
+      "full chunk (a head and a tail chunk, one lane each) move in the widest aligned pieces that stay in the row "
+      "(8, 4 or 2 bytes). Pass 1 (max and sum of exp) keeps the row's logits in shared memory (up to 48 KiB per "
+      "block, in 16-byte planes so that 8 lanes store 128 contiguous bytes), so pass 2 (the gradient) reads no "
+      "input: one pass over it. A bf16 row of 100 columns is 200 bytes, so every row has a 4-column head or "
+      "tail in a request of its own whose sector the full chunks touch too: 83 %.")
     w("")
     w(f"**Target**: input sector efficiency >= {100 * TARGET:.0f} % (`test_margin_ce_sector_efficiency_target`; "
-      "the bf16 rows are strict xfails until the stream kernel covers bf16); "
+      "bf16 at C = 100 is a strict xfail for the reason above); "
       "`test_margin_ce_sector_efficiency_not_below_baseline` keeps these figures from regressing.")
     w("")
     f = figs[1]

@@ -12,24 +12,28 @@
 //   large C                    RowPerBlock, streaming: pass 2 re-reads the input and recomputes the logits.
 // Cached, pass 2 reads neither the input nor the cloud's per-class vector and draws no Philox noise.
 //
-// The row is read in chunks of 16 bytes (kChunk elements), lane t of the row's threads owning chunks t,
-// t + T, ... Chunks start at the row's first 16-byte boundary (column h < kChunk: an (N, 8142) fp32 tensor
-// starts every other row 8 bytes off), so every full chunk moves with one 128-bit load and store; the
-// columns before h (the head) and after the last full chunk (the tail) are two partial chunks read element
-// by element. Two cases keep h = 0 and move each chunk in smaller aligned pieces (8, 4 bytes or elements,
-// chosen per row, outside the loops): the cloud, whose Philox draws come in groups of four columns from
-// column 0, and gradient rows aligned unlike the input rows. The next chunk is loaded before the current
-// one's math. Half-precision elements move as 32-bit words and are converted from their bit patterns, so no
-// array of c10::Half / BFloat16 objects is formed (the compiler would spill it to local memory).
+// The row is read in chunks of 16 bytes (kChunk elements: 4 fp32, 8 fp16 / bf16), lane t of the row's
+// threads owning chunks t, t + T, ... Chunks start at the row's first 16-byte boundary (column h < kChunk:
+// an (N, 8142) fp32 tensor starts every other row 8 bytes off), so every full chunk moves with one 128-bit
+// load and store; the columns before h (the head) and after the last full chunk (the tail) are two partial
+// chunks, moved in the widest aligned pieces that stay in the row. Two cases keep h = 0 and move each chunk
+// in smaller aligned pieces (8, 4 bytes or elements, chosen per row, outside the loops): the cloud, whose
+// Philox draws come in groups of four columns from column 0, and gradient rows aligned unlike the input
+// rows (fp32 only: kNarrowPaths). The next chunk is loaded before the current one's math. The math runs on
+// groups of 4 columns (kGroup), so a 2-byte chunk is two groups and never 8 live floats. Half-precision
+// elements move as 32-bit words and are converted from their bit patterns, so no array of c10::Half /
+// BFloat16 objects is formed (the compiler would spill it to local memory).
 //
 // Each element costs one ex2 per pass: p = 2^((z - max) log2 e), the difference taken first so that, as in
-// PyTorch's softmax, logits sharing a large offset keep their exact differences. Pass 1 merges a chunk's
-// max into the running (max, sum) once per chunk (kChunk + 1 ex2 per chunk), pass 2 writes the gradient
+// PyTorch's softmax, logits sharing a large offset keep their exact differences. Pass 1 merges a group's
+// max into the running (max, sum) once per group (5 ex2 per 4 columns), pass 2 writes the gradient
 // (one ex2 per element). On the GPU ex2 is the MUFU instruction (ex2.approx.ftz: relative error below
 // 2^-22, denormal results flushed to 0); the emulator uses exp2f.
 #pragma once
 
 #include <c10/macros/Macros.h>  // CUDA_KERNEL_ASSERT
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -79,6 +83,12 @@ __device__ __forceinline__ float exp_diff(float d) { return fast_exp2(d * kLog2e
 template <typename scalar_t>
 constexpr int kChunk = 16 / static_cast<int>(sizeof(scalar_t));
 
+// The math runs on groups of 4 columns: a chunk is one group for fp32, two for the 2-byte types, so that a
+// 2-byte chunk's 8 columns are never all live as floats at once (the 64 registers of 4 blocks per SM).
+constexpr int kGroup = 4;
+template <typename scalar_t>
+constexpr int kGroups = kChunk<scalar_t> / kGroup;
+
 // ---- moving a chunk: kChunk elements as four 32-bit words ------------------------------------------------
 
 // The float of a 16-bit pattern (the low half of `bits`) of the 2-byte type scalar_t.
@@ -96,65 +106,81 @@ __device__ __forceinline__ unsigned float_to_half_bits(float v) {
   return static_cast<unsigned>(static_cast<scalar_t>(v).x);
 }
 
-// kChunk elements at p (kWidth-byte aligned: 16, 8 or 4 bytes a piece, or one element at a time), as floats.
-template <int kWidth, typename scalar_t>
-__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ p, float (&v)[kChunk<scalar_t>]) {
-  constexpr int K = kChunk<scalar_t>;
-  if constexpr (kWidth < 4 || (kWidth == 4 && sizeof(scalar_t) == 4)) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = static_cast<float>(p[k]);
+// A 32-bit word of the row as 4 / sizeof(scalar_t) floats at v[k] (k a constant once unrolled), and back.
+template <typename scalar_t, int K>
+__device__ __forceinline__ void unpack_word(unsigned w, int k, float (&v)[K]) {
+  if constexpr (sizeof(scalar_t) == 4) {
+    v[k] = __uint_as_float(w);
   } else {
-    unsigned w[4];
-    if constexpr (kWidth == 16) {
-      const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
-      w[0] = r.x, w[1] = r.y, w[2] = r.z, w[3] = r.w;
-    } else if constexpr (kWidth == 8) {
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const uint2 r = __ldg(reinterpret_cast<const uint2*>(p) + q);
-        w[2 * q] = r.x, w[2 * q + 1] = r.y;
-      }
-    } else {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) w[q] = __ldg(reinterpret_cast<const unsigned*>(p) + q);
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      if constexpr (sizeof(scalar_t) == 4) {
-        v[q] = __uint_as_float(w[q]);
-      } else {
-        v[2 * q] = half_bits_to_float<scalar_t>(w[q] & 0xffffu);
-        v[2 * q + 1] = half_bits_to_float<scalar_t>(w[q] >> 16);
-      }
-    }
+    v[k] = half_bits_to_float<scalar_t>(w & 0xffffu);
+    v[k + 1] = half_bits_to_float<scalar_t>(w >> 16);
   }
 }
 
-template <int kWidth, typename scalar_t>
-__device__ __forceinline__ void store_chunk(scalar_t* __restrict__ p, const float (&v)[kChunk<scalar_t>]) {
-  constexpr int K = kChunk<scalar_t>;
-  if constexpr (kWidth < 4 || (kWidth == 4 && sizeof(scalar_t) == 4)) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) p[k] = static_cast<scalar_t>(v[k]);
+template <typename scalar_t, int K>
+__device__ __forceinline__ unsigned pack_word(int k, const float (&v)[K]) {
+  if constexpr (sizeof(scalar_t) == 4) {
+    return __float_as_uint(v[k]);
   } else {
-    unsigned w[4];
+    return float_to_half_bits<scalar_t>(v[k]) | (float_to_half_bits<scalar_t>(v[k + 1]) << 16);
+  }
+}
+
+// kW bytes of elements at p + k (kW-byte aligned; kW = 16, 8, 4 or sizeof(scalar_t)) into v[k ...], and back.
+template <int kW, typename scalar_t, int K>
+__device__ __forceinline__ void load_piece(const scalar_t* __restrict__ p, int k, float (&v)[K]) {
+  constexpr int E = 4 / static_cast<int>(sizeof(scalar_t));  // elements per word
+  if constexpr (kW < 4) {
+    v[k] = static_cast<float>(p[k]);
+  } else if constexpr (kW == 4) {
+    unpack_word<scalar_t>(__ldg(reinterpret_cast<const unsigned*>(p + k)), k, v);
+  } else if constexpr (kW == 8) {
+    const uint2 r = __ldg(reinterpret_cast<const uint2*>(p + k));
+    unpack_word<scalar_t>(r.x, k, v), unpack_word<scalar_t>(r.y, k + E, v);
+  } else {
+    const uint4 r = __ldg(reinterpret_cast<const uint4*>(p + k));
+    unpack_word<scalar_t>(r.x, k, v), unpack_word<scalar_t>(r.y, k + E, v);
+    unpack_word<scalar_t>(r.z, k + 2 * E, v), unpack_word<scalar_t>(r.w, k + 3 * E, v);
+  }
+}
+
+template <int kW, typename scalar_t, int K>
+__device__ __forceinline__ void store_piece(scalar_t* __restrict__ p, int k, const float (&v)[K]) {
+  constexpr int E = 4 / static_cast<int>(sizeof(scalar_t));
+  if constexpr (kW < 4) {
+    p[k] = static_cast<scalar_t>(v[k]);
+  } else if constexpr (kW == 4) {
+    *reinterpret_cast<unsigned*>(p + k) = pack_word<scalar_t>(k, v);
+  } else if constexpr (kW == 8) {
+    store_vector(reinterpret_cast<uint2*>(p + k), make_uint2(pack_word<scalar_t>(k, v), pack_word<scalar_t>(k + E, v)));
+  } else {
+    store_vector(reinterpret_cast<uint4*>(p + k), make_uint4(pack_word<scalar_t>(k, v), pack_word<scalar_t>(k + E, v),
+                                                             pack_word<scalar_t>(k + 2 * E, v),
+                                                             pack_word<scalar_t>(k + 3 * E, v)));
+  }
+}
+
+// A chunk as four 32-bit words: the 16 bytes at p (kWidth-byte aligned: 16, 8 or 4 bytes a piece, or one
+// 2-byte element at a time). The
+// load-ahead of for_each_chunk holds the words, not the floats: 4 registers, not 8 for the 2-byte types.
+template <int kWidth, typename scalar_t>
+__device__ __forceinline__ void load_words(const scalar_t* __restrict__ p, unsigned (&w)[4]) {
+  if constexpr (kWidth == 16) {
+    const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
+    w[0] = r.x, w[1] = r.y, w[2] = r.z, w[3] = r.w;
+  } else if constexpr (kWidth == 8) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      if constexpr (sizeof(scalar_t) == 4) {
-        w[q] = __float_as_uint(v[q]);
-      } else {
-        w[q] = float_to_half_bits<scalar_t>(v[2 * q]) | (float_to_half_bits<scalar_t>(v[2 * q + 1]) << 16);
-      }
+    for (int q = 0; q < 2; ++q) {
+      const uint2 r = __ldg(reinterpret_cast<const uint2*>(p) + q);
+      w[2 * q] = r.x, w[2 * q + 1] = r.y;
     }
-    if constexpr (kWidth == 16) {
-      store_vector(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
-    } else if constexpr (kWidth == 8) {
+  } else if constexpr (kWidth == 4) {
 #pragma unroll
-      for (int q = 0; q < 2; ++q) store_vector(reinterpret_cast<uint2*>(p) + q, make_uint2(w[2 * q], w[2 * q + 1]));
-    } else {
+    for (int q = 0; q < 4; ++q) w[q] = __ldg(reinterpret_cast<const unsigned*>(p) + q);
+  } else {  // 2-byte elements one at a time
+    const uint16_t* __restrict__ e = reinterpret_cast<const uint16_t*>(p);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) reinterpret_cast<unsigned*>(p)[q] = w[q];
-    }
+    for (int q = 0; q < 4; ++q) w[q] = static_cast<unsigned>(e[2 * q]) | (static_cast<unsigned>(e[2 * q + 1]) << 16);
   }
 }
 
@@ -266,46 +292,130 @@ __device__ __forceinline__ void merge_chunk(const float (&u)[K], float& m, float
   m = mn;
 }
 
-// Loads the partial chunk at j0 (columns outside [0, C) read as 0) element by element.
-template <typename scalar_t, int K>
-__device__ __forceinline__ void load_partial(const scalar_t* __restrict__ x, int j0, int C, float (&c)[K]) {
+// The in-row columns [0, C) of the group at jg of a partial chunk (head or tail; p + jg 8-byte aligned when
+// kWidth >= 8, else kWidth-byte aligned) in the widest aligned pieces that hold only in-row columns: 8 bytes,
+// then 4, then single elements. f(width, k) moves the piece at column jg + k (width: a
+// std::integral_constant). Two partial chunks per row at most, so a few requests, not one per element: a
+// bf16 row of 100 columns ends in a 4-column tail, one 8-byte load.
+template <int kWidth, typename scalar_t, class F>
+__device__ __forceinline__ void for_each_partial_piece(int jg, int C, F&& f) {
+  constexpr int S = static_cast<int>(sizeof(scalar_t));
+  constexpr int E8 = 8 / S, E4 = 4 / S;
+  const auto in_row = [C](int j) { return static_cast<unsigned>(j) < static_cast<unsigned>(C); };
 #pragma unroll
-  for (int k = 0; k < K; ++k)
-    c[k] = static_cast<unsigned>(j0 + k) < static_cast<unsigned>(C) ? static_cast<float>(x[j0 + k]) : 0.f;
+  for (int k8 = 0; k8 < kGroup; k8 += E8) {
+    if (kWidth >= 8 && in_row(jg + k8) && in_row(jg + k8 + E8 - 1)) {
+      f(std::integral_constant<int, 8>{}, k8);
+      continue;
+    }
+#pragma unroll
+    for (int k4 = k8; k4 < k8 + E8; k4 += E4) {
+      if (S == 2 && kWidth >= 4 && in_row(jg + k4) && in_row(jg + k4 + E4 - 1)) {
+        f(std::integral_constant<int, 4>{}, k4);
+        continue;
+      }
+#pragma unroll
+      for (int k = k4; k < k4 + E4; ++k)
+        if (in_row(jg + k)) f(std::integral_constant<int, S>{}, k);
+    }
+  }
 }
 
-// f(q, c) for the full chunks q = lane, lane + T, ... < full of the row whose full chunks start at x (c:
-// chunk q's kChunk inputs), each chunk's load issued before the previous chunk's math.
+// Loads the group at jg of a partial chunk (columns outside [0, C) read as 0).
+template <int kWidth, typename scalar_t>
+__device__ __forceinline__ void load_partial_group(const scalar_t* __restrict__ x, int jg, int C, float (&c)[kGroup]) {
+#pragma unroll
+  for (int k = 0; k < kGroup; ++k) c[k] = 0.f;
+  for_each_partial_piece<kWidth, scalar_t>(jg, C, [&](auto w, int k) { load_piece<decltype(w)::value>(x + jg, k, c); });
+}
+
+// f(q, w) for the full chunks q = lane, lane + T, ... < full of the row whose full chunks start at x (w:
+// chunk q's 16 bytes as words), each chunk's load issued before the previous chunk's math, except for
+// 2-byte elements moved one at a time (rows aligned unlike their gradient, or cloud rows of odd C): their 8
+// loads in flight would need 8 registers, the 4 more that spill under the 64-register bound.
 template <int kWidth, typename scalar_t, class F>
 __device__ __forceinline__ void for_each_chunk(const scalar_t* __restrict__ x, int full, int lane, int T, F&& f) {
   constexpr int K = kChunk<scalar_t>;
-  float c[K];
-  int q = lane;
-  if (q < full) load_chunk<kWidth>(x + q * K, c);
-  for (; q < full; q += T) {
-    float cur[K];
+  if constexpr (kWidth < 4) {
+    for (int q = lane; q < full; q += T) {
+      unsigned w[4];
+      load_words<kWidth>(x + q * K, w);
+      f(q, w);
+    }
+  } else {
+    unsigned w[4];
+    int q = lane;
+    if (q < full) load_words<kWidth>(x + q * K, w);
+    for (; q < full; q += T) {
+      unsigned cur[4];
 #pragma unroll
-    for (int k = 0; k < K; ++k) cur[k] = c[k];
-    if (q + T < full) load_chunk<kWidth>(x + (q + T) * K, c);
-    f(q, cur);
+      for (int k = 0; k < 4; ++k) cur[k] = w[k];
+      if (q + T < full) load_words<kWidth>(x + (q + T) * K, w);
+      f(q, cur);
+    }
   }
 }
 
-// The cached logits of full chunk q (K floats at cache + q K; 16-byte shared accesses).
-template <int K>
-__device__ __forceinline__ void cache_put(float* cache, int q, const float (&u)[K]) {
+// f(p, c) for group p of a chunk's words w (c: its 4 columns as floats).
+template <typename scalar_t, class F>
+__device__ __forceinline__ void for_each_group(const unsigned (&w)[4], F&& f) {
+  constexpr int E = 4 / static_cast<int>(sizeof(scalar_t)), WG = 4 / kGroups<scalar_t>;  // words per group
 #pragma unroll
-  for (int p = 0; p < K / 4; ++p)
-    store_vector(reinterpret_cast<float4*>(cache + q * K) + p, make_float4(u[4 * p], u[4 * p + 1], u[4 * p + 2], u[4 * p + 3]));
+  for (int p = 0; p < kGroups<scalar_t>; ++p) {
+    float c[kGroup];
+#pragma unroll
+    for (int q = 0; q < WG; ++q) unpack_word<scalar_t>(w[p * WG + q], q * E, c);
+    f(p, c);
+  }
 }
 
-template <int K>
-__device__ __forceinline__ void cache_get(const float* cache, int q, float (&u)[K]) {
+// Group p's 4 floats into the chunk's words w, and the words to p (kWidth-byte aligned).
+template <typename scalar_t>
+__device__ __forceinline__ void pack_group(int p, const float (&d)[kGroup], unsigned (&w)[4]) {
+  constexpr int E = 4 / static_cast<int>(sizeof(scalar_t)), WG = 4 / kGroups<scalar_t>;
 #pragma unroll
-  for (int p = 0; p < K / 4; ++p) {
-    const float4 v = load_vector(reinterpret_cast<const float4*>(cache + q * K) + p);
-    u[4 * p] = v.x, u[4 * p + 1] = v.y, u[4 * p + 2] = v.z, u[4 * p + 3] = v.w;
+  for (int q = 0; q < WG; ++q) w[p * WG + q] = pack_word<scalar_t>(q * E, d);
+}
+
+template <int kWidth, typename scalar_t>
+__device__ __forceinline__ void store_words(scalar_t* __restrict__ p, const unsigned (&w)[4]) {
+  if constexpr (kWidth == 16) {
+    store_vector(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+  } else if constexpr (kWidth == 8) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) store_vector(reinterpret_cast<uint2*>(p) + q, make_uint2(w[2 * q], w[2 * q + 1]));
+  } else if constexpr (kWidth == 4) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) reinterpret_cast<unsigned*>(p)[q] = w[q];
+  } else {
+    uint16_t* __restrict__ e = reinterpret_cast<uint16_t*>(p);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) e[2 * q] = static_cast<uint16_t>(w[q] & 0xffffu), e[2 * q + 1] = static_cast<uint16_t>(w[q] >> 16);
   }
+}
+
+// The cached logits of chunk slot q (row_cache_slots of them): group p of every slot in plane p (slots
+// float4s apart), 16-byte shared accesses, so that 8 consecutive lanes touch 128 consecutive bytes, the
+// conflict-free pattern, for the 2-byte types' two groups too.
+__device__ __forceinline__ void cache_put_group(float* cache, int slots, int p, int q, const float (&u)[kGroup]) {
+  store_vector(reinterpret_cast<float4*>(cache) + p * slots + q, make_float4(u[0], u[1], u[2], u[3]));
+}
+
+__device__ __forceinline__ void cache_get_group(const float* cache, int slots, int p, int q, float (&u)[kGroup]) {
+  const float4 v = load_vector(reinterpret_cast<const float4*>(cache) + p * slots + q);
+  u[0] = v.x, u[1] = v.y, u[2] = v.z, u[3] = v.w;
+}
+
+// Chunk slots of logit cache one row needs, whatever its alignment: its full chunks (at most C / K), then
+// the tail and the head chunk; kChunk floats each.
+template <typename scalar_t>
+__host__ __device__ __forceinline__ int64_t row_cache_slots(int64_t C) {
+  return C / kChunk<scalar_t> + 2;
+}
+
+template <typename scalar_t>
+__host__ __device__ __forceinline__ int64_t row_cache_floats(int64_t C) {
+  return row_cache_slots<scalar_t>(C) * kChunk<scalar_t>;
 }
 
 // Both passes over row i: full chunks at columns h + q K moved as kWidth-byte pieces, the head chunk
@@ -315,10 +425,10 @@ __device__ __forceinline__ void cache_get(const float* cache, int q, float (&u)[
 template <int kWidth, bool kCached, int kFeat, class Rows, typename scalar_t>
 __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& a, const Rows& rows,
                                            const StreamRow<kFeat>& row, const scalar_t* __restrict__ x,
-                                           scalar_t* __restrict__ g, int C, int h, float* cache, float& u_t_out,
-                                           float& M_out, float& sum_out) {
+                                           scalar_t* __restrict__ g, int C, int h, float* cache) {
   constexpr int K = kChunk<scalar_t>;
   const int full = (C - h) / K;  // full chunks
+  const int slots = static_cast<int>(row_cache_slots<scalar_t>(C));
   const int T = rows.size(), lane = rows.lane();
   // the partial chunks: the tail (if any) by the lane next in turn after the full chunks, the head by the
   // last lane
@@ -326,51 +436,48 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
   const bool my_tail = tail_j0 >= 0 && lane == full % T;
   const bool my_head = h > 0 && lane == T - 1;
   float m = -INFINITY, s = 0.f, u_t = -INFINITY;  // u_t: the target's logit, in the lane whose chunk holds it
-  for_each_chunk<kWidth>(x + h, full, lane, T, [&](int q, const float (&c)[K]) {
-    float u[K];
-    chunk_logits<true>(row, h + q * K, C, c, u, u_t);
-    if constexpr (kCached) cache_put(cache, q, u);
-    merge_chunk(u, m, s);
+  for_each_chunk<kWidth>(x + h, full, lane, T, [&](int q, const unsigned (&w)[4]) {
+    for_each_group<scalar_t>(w, [&](int p, const float (&c)[kGroup]) {
+      float u[kGroup];
+      chunk_logits<true>(row, h + q * K + p * kGroup, C, c, u, u_t);
+      if constexpr (kCached) cache_put_group(cache, slots, p, q, u);
+      merge_chunk(u, m, s);
+    });
   });
-  auto partial_logits = [&](int j0, float (&u)[K]) {
-    float c[K];
-    load_partial(x, j0, C, c);
-    chunk_logits<false>(row, j0, C, c, u, u_t);
+  // the partial chunk at j0 (cached: the tail's logits in slot `full`, the head's in slot full + 1)
+  auto partial_logits = [&](int j0, int slot) {
+#pragma unroll
+    for (int p = 0; p < kGroups<scalar_t>; ++p) {
+      const int jg = j0 + p * kGroup;
+      float c[kGroup], u[kGroup];
+      load_partial_group<kWidth>(x, jg, C, c);
+      chunk_logits<false>(row, jg, C, c, u, u_t);
+      if constexpr (kCached) cache_put_group(cache, slots, p, slot, u);
+      merge_chunk(u, m, s);
+    }
   };
-  // (cached: the tail's logits in slot `full`, the head's in slot full + 1)
-  if (my_tail || my_head) {
-    float u[K];
-    if (my_tail) {
-      partial_logits(tail_j0, u);
-      if constexpr (kCached) cache_put(cache, full, u);
-      merge_chunk(u, m, s);
-    }
-    if (my_head) {
-      partial_logits(h - K, u);
-      if constexpr (kCached) cache_put(cache, full + 1, u);
-      merge_chunk(u, m, s);
-    }
-  }
+  if (my_tail) partial_logits(tail_j0, full);
+  if (my_head) partial_logits(h - K, full + 1);
   u_t = rows.max(u_t);  // (NaN propagates, as in the other lanes' statistics)
-  u_t_out = u_t;
   const float M = rows.max(m);
   // lanes that saw no (unmasked) column keep m = -inf, s = 0 and contribute nothing
   const float sum = rows.sum(m == -INFINITY ? 0.f : s * exp_diff(m - M));
-  M_out = M;
-  sum_out = sum;
-  if (!g && !a.grad_row_shift) return;
-
-  // ---- pass 2: the gradient, already divided by the reduction's denominator
   const float w_t = a.weight ? a.weight[row.y] : 1.f;
   const RowCoef<float> rc = row_coefficients<float>(logf(sum), u_t - M, 0.f, w_t, *a.weight_sum, 0.f, C, a.focal,
                                                     a.gamma);
+  // the row's loss now, so that nothing of pass 1 but A, B and M stays live through pass 2
+  if (lane == 0) store_row_loss(a, static_cast<int64_t>(row.row), rc.loss);
+  if (!g && !a.grad_row_shift) return;
+
+  // ---- pass 2: the gradient, already divided by the reduction's denominator
   const float inv_denom = *a.inv_denom;
   const float A = rc.a / sum * inv_denom, B = rc.b * inv_denom;
   float gshift = 0.f;
-  // dz/dx of the chunk at j0 into d (and its contribution to d loss / d t_i)
-  auto grads = [&](int j0, const float (&u)[K], float (&d)[K], bool full_chunk) {
+  // dz/dx of the n columns at j0 (a group or a partial chunk) into d, and their part of d loss / d t_i
+  auto grads = [&](int j0, const auto& u, auto& d, bool full_chunk) {
+    constexpr int n = static_cast<int>(sizeof(d) / sizeof(float));
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
+    for (int k = 0; k < n; ++k) {
       const int j = j0 + k;
       if (!full_chunk && static_cast<unsigned>(j) >= static_cast<unsigned>(C)) {
         d[k] = 0.f;
@@ -381,39 +488,50 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
       d[k] = dz * row.jac(j);
     }
   };
-  auto full_grads = [&](int q, const float (&u)[K]) {
-    const int j0 = h + q * K;
-    float d[K];
-    grads(j0, u, d, true);
-    if (g) store_chunk<kWidth>(g + j0, d);
+  // group p of full chunk q from its logits u, packed into the chunk's words wg
+  auto group_grads = [&](int q, int p, const float (&u)[kGroup], unsigned (&wg)[4]) {
+    float d[kGroup];
+    grads(h + q * K + p * kGroup, u, d, true);
+    pack_group<scalar_t>(p, d, wg);
   };
   if constexpr (kCached) {
     for (int q = lane; q < full; q += T) {
-      float u[K];
-      cache_get(cache, q, u);
-      full_grads(q, u);
+      unsigned wg[4];
+#pragma unroll
+      for (int p = 0; p < kGroups<scalar_t>; ++p) {
+        float u[kGroup];
+        cache_get_group(cache, slots, p, q, u);
+        group_grads(q, p, u, wg);
+      }
+      if (g) store_words<kWidth>(g + h + q * K, wg);
     }
   } else {
-    for_each_chunk<kWidth>(x + h, full, lane, T, [&](int q, const float (&c)[K]) {
-      float u[K], unused;
-      chunk_logits<true>(row, h + q * K, C, c, u, unused);
-      full_grads(q, u);
+    for_each_chunk<kWidth>(x + h, full, lane, T, [&](int q, const unsigned (&w)[4]) {
+      unsigned wg[4];
+      for_each_group<scalar_t>(w, [&](int p, const float (&c)[kGroup]) {
+        float u[kGroup], unused;
+        chunk_logits<true>(row, h + q * K + p * kGroup, C, c, u, unused);
+        group_grads(q, p, u, wg);
+      });
+      if (g) store_words<kWidth>(g + h + q * K, wg);
     });
   }
   auto partial_grads = [&](int j0, int slot) {
-    float u[K], d[K];
-    if constexpr (kCached) {
-      cache_get(cache, slot, u);
-    } else {
-      float c[K], unused;
-      load_partial(x, j0, C, c);
-      chunk_logits<false>(row, j0, C, c, u, unused);
-    }
-    grads(j0, u, d, false);
-    if (g) {
-#pragma unroll
-      for (int k = 0; k < K; ++k)
-        if (static_cast<unsigned>(j0 + k) < static_cast<unsigned>(C)) g[j0 + k] = static_cast<scalar_t>(d[k]);
+    // (a loop, not unrolled: the 2-byte types' second group unrolled here spills 4 bytes on sm_80 with class
+    // scale and bias, F = 3, streaming; it runs for two chunks a row at most)
+#pragma unroll 1
+    for (int p = 0; p < kGroups<scalar_t>; ++p) {
+      const int jg = j0 + p * kGroup;
+      float u[kGroup], d[kGroup];
+      if constexpr (kCached) {
+        cache_get_group(cache, slots, p, slot, u);
+      } else {
+        float c[kGroup], unused;
+        load_partial_group<kWidth>(x, jg, C, c);
+        chunk_logits<false>(row, jg, C, c, u, unused);
+      }
+      grads(jg, u, d, false);
+      if (g) for_each_partial_piece<kWidth, scalar_t>(jg, C, [&](auto w, int k) { store_piece<decltype(w)::value>(g + jg, k, d); });
     }
   };
   if (my_tail) partial_grads(tail_j0, full);
@@ -426,12 +544,14 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
   }
 }
 
-// Floats of logit cache one row needs, whatever its alignment: its full chunks (at most C / K), then the
-// tail and the head chunk.
-template <typename scalar_t>
-__host__ __device__ __forceinline__ int64_t row_cache_floats(int64_t C) {
-  return (C / kChunk<scalar_t> + 2) * kChunk<scalar_t>;
-}
+// Whether the kernel moves rows whose input and gradient are aligned differently mod 16 bytes (8-, 4- or
+// 2-byte pieces from column 0), or cloud rows (which start at column 0 for whole Philox groups) that are not
+// 16-byte aligned. The 2-byte types without the cloud do not: those paths would not fit in the 64 registers
+// of 4 blocks per SM without spilling, and such calls (an input view at an odd offset: the gradient is a
+// fresh allocation) take the generic kernel (stream_features).
+constexpr bool has_narrow_paths(int feat, size_t elem_bytes) { return elem_bytes == 4 || (feat & kFeatCloud) != 0; }
+template <int kFeat, typename scalar_t>
+constexpr bool kNarrowPaths = has_narrow_paths(kFeat, sizeof(scalar_t));
 
 // Row i of the call, by the threads `rows` names.
 template <bool kCached, int kFeat, class Rows, typename scalar_t>
@@ -457,30 +577,31 @@ __device__ __forceinline__ void margin_ce_stream_row(const MarginCeArgs<scalar_t
   if constexpr ((kFeat & kFeatShift) != 0) row.t = a.row_shift[i];
   if constexpr ((kFeat & kFeatCloud) != 0) philox_key(a, row.seed, row.offset);
   // Where the input row's first 16-byte boundary is one of the gradient row's too (and no cloud), full
-  // chunks start there and move in 16-byte pieces; else they start at column 0, in the widest aligned
+  // chunks start there and move in 16-byte pieces, the columns before it in the head chunk (a row shorter
+  // than the distance to the boundary lies wholly in it); else they start at column 0, in the widest aligned
   // pieces both rows allow. One branch per row.
   const uintptr_t ax = reinterpret_cast<uintptr_t>(x), ag = g ? reinterpret_cast<uintptr_t>(g) : ax;
   int h = static_cast<int>(((16 - (ax & 15)) & 15) / sizeof(scalar_t));
-  if (h >= C || (kFeat & kFeatCloud) != 0 || ((ag + h * sizeof(scalar_t)) & 15) != 0) h = 0;
+  if ((kFeat & kFeatCloud) != 0 || ((ag + h * sizeof(scalar_t)) & 15) != 0) h = 0;
   const uintptr_t off = h * sizeof(scalar_t);
   const uintptr_t mis = ((ax + off) | (ag + off)) & 15;
-  float u_t, M, sum;
   if (mis == 0) {
-    stream_row<16, kCached>(a, rows, row, x, g, C, h, cache, u_t, M, sum);
-  } else if ((mis & 7) == 0) {
-    stream_row<8, kCached>(a, rows, row, x, g, C, 0, cache, u_t, M, sum);
-  } else if ((mis & 3) == 0 && sizeof(scalar_t) == 2) {
-    stream_row<4, kCached>(a, rows, row, x, g, C, 0, cache, u_t, M, sum);
+    stream_row<16, kCached>(a, rows, row, x, g, C, h, cache);
   } else {
-    stream_row<static_cast<int>(sizeof(scalar_t)), kCached>(a, rows, row, x, g, C, 0, cache, u_t, M, sum);
-  }
-  if (rows.lane() == 0) {
-    const float w_t = a.weight ? a.weight[y] : 1.f;
-    const RowCoef<float> rc =
-        row_coefficients<float>(logf(sum), u_t - M, 0.f, w_t, *a.weight_sum, 0.f, C, a.focal, a.gamma);
-    store_row_loss(a, i, rc.loss);
+    if constexpr (kNarrowPaths<kFeat, scalar_t>) {
+      if ((mis & 7) == 0) {
+        stream_row<8, kCached>(a, rows, row, x, g, C, 0, cache);
+      } else if ((mis & 3) == 0 && sizeof(scalar_t) == 2) {
+        stream_row<4, kCached>(a, rows, row, x, g, C, 0, cache);
+      } else {
+        stream_row<static_cast<int>(sizeof(scalar_t)), kCached>(a, rows, row, x, g, C, 0, cache);
+      }
+    } else {
+      CUDA_KERNEL_ASSERT(mis == 0 && "the host sends misaligned 2-byte rows to the generic kernel");
+    }
   }
 }
+
 
 // Rows: RowPerBlock or RowPerWarp. kCached: dynamic shared memory holds row_cache_floats(C) floats per row
 // of the block. Without the cloud, 4 blocks of 256 threads per SM (<= 64 registers: 50 % occupancy, what a
@@ -516,11 +637,12 @@ struct StreamPlan {
   size_t smem = 0;  // dynamic shared memory bytes (the logit cache)
 };
 
-// The input types with stream kernels: fp32. fp64 keeps the generic kernel (its accuracy, not its speed, is
-// what it is for); fp16 / bf16 keep it until their instantiations pass the compile and SASS gates (their
-// chunks already move as 32-bit words, load_chunk / store_chunk).
+// The input types with stream kernels: fp32, fp16 and bf16, accumulating in fp32 (the 2-byte types move as
+// 32-bit words, load_words / store_words). fp64 keeps the generic kernel: its accuracy, not its speed, is
+// what it is for, and exp2 approximations would spend it.
 template <typename scalar_t, typename acc_t>
-constexpr bool kStreamTypes = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
+constexpr bool kStreamTypes = std::is_same_v<acc_t, float> &&
+    (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>);
 
 // The kFeat of a call, or -1 when no stream kernel covers it (the generic kernel runs).
 template <typename scalar_t, typename acc_t>
@@ -534,7 +656,11 @@ int stream_features(const MarginCeArgs<scalar_t, acc_t>& a) {
       return -1;
     const int f = (a.col_scale ? kFeatColScale : 0) | (a.col_bias ? kFeatColBias : 0) |
                   (a.shift_coef ? kFeatShift : 0) | (a.cloud ? kFeatCloud : 0);
-    return stream_instantiated(f) ? f : -1;
+    if (!stream_instantiated(f)) return -1;
+    // (kNarrowPaths: without them every row's input and gradient must share their offset mod 16 bytes)
+    if (!has_narrow_paths(f, sizeof(scalar_t)) && a.grad && (reinterpret_cast<uintptr_t>(a.input) - reinterpret_cast<uintptr_t>(a.grad)) % 16 != 0)
+      return -1;
+    return f;
   }
 }
 
