@@ -54,6 +54,11 @@ MarginCePrepared prepare_margin_ce(const MarginCeInputs& in) {
 #undef LTK_MCE_CHECK_VECTOR
   TORCH_CHECK_VALUE(p.row_shift.defined() == p.shift_coef.defined(),
                     "margin_ce: row_shift and shift_coef must be given together");
+  // The angular modes transform the cosine itself (ltk/transform.h): a class scale, bias or row shift has no
+  // defined place in cos(theta + M), and the CPU and CUDA kernels would disagree on one, so none is taken.
+  TORCH_CHECK_VALUE(in.angular == kLinear || !(p.col_scale.defined() || p.col_bias.defined() || p.row_shift.defined()),
+                    "margin_ce: col_scale, col_bias and row_shift / shift_coef apply to the linear transform only, "
+                    "not to angular=", in.angular);
   if (in.noise.has_value() && in.noise->defined()) {
     TORCH_CHECK_VALUE(p.cloud.defined(), "margin_ce: noise was given without cloud sizes");
     TORCH_CHECK_VALUE(in.noise->sizes() == x.sizes(), "margin_ce: noise must have the input's shape ", x.sizes(),

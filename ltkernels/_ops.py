@@ -64,6 +64,9 @@ def _margin_ce_fake(*args, **kwargs):
     input = a["input"]
     torch._check(input.dim() == 2, lambda: f"margin_ce: input must be 2-D (N, C), got {tuple(input.shape)}")
     n, c = input.shape
+    torch._check(a["angular"] == ANGULAR["linear"] or all(a[k] is None for k in ("col_scale", "col_bias", "row_shift")),
+                 lambda: "margin_ce: col_scale, col_bias and row_shift / shift_coef apply to the linear transform only, "
+                         f"not to angular={a['angular']}")
     loss = input.new_empty((n,)) if a["reduction"] == REDUCTIONS["none"] else input.new_empty(())
     acc = _acc_dtype(input.dtype)
     grad = input.new_empty((n, c)) if a["compute_grad"] else input.new_empty((0,))

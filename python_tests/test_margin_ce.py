@@ -887,6 +887,26 @@ def test_bad_options_raise():
         fused(x.tolist(), t)
 
 
+@pytest.mark.parametrize("angular", ["arcface", "arcface_easy", "gclang", "gclang_easy"])
+def test_linear_vectors_with_an_angular_mode_raise(angular):
+    """A class scale, bias or row shift has no place in cos(theta + M): refused (the CPU and CUDA kernels once
+    disagreed on it silently), in eager mode and by the fake kernel alike."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, t = make_inputs(4, 5, spread=1.0)
+    kw = dict(angular=angular, angular_eps=0.1, cloud=class_vec(5, 0, 1, 2), seed=torch.tensor([3]))
+    bad = [dict(col_scale=class_vec(5, 0.5, 1.5, 1)), dict(col_bias=class_vec(5, -1, 1, 1)),
+           dict(row_shift=torch.rand(4, dtype=torch.float64), shift_coef=class_vec(5, -1, 0, 1))]
+    for extra in bad:
+        with pytest.raises(ValueError, match="apply to the linear transform only"):
+            fused(x, t, **kw, **extra)
+    fused(x, t, **kw, target_scale=class_vec(5, 10, 20, 3))  # a per-row scale is fine
+    a = _ops.margin_ce_arguments((x, t), dict(scale=1.0, angular=_ops.ANGULAR[angular], col_scale=class_vec(5, 0.5, 1.5, 1)))
+    with pytest.raises(Exception, match="apply to the linear transform only"):  # the fake kernel agrees (tracing)
+        with FakeTensorMode() as mode:
+            ops.margin_ce(*(mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in a.values()))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # both CPU instruction-set builds
 # ----------------------------------------------------------------------------------------------------------
