@@ -174,6 +174,22 @@ def test_unanalysable_sass_is_an_error(line, error):
         sass.parse_nvdisasm(_HEAD.format("k") + line + "\n" + _TAIL.format("k"))
 
 
+def test_indirect_branch_fails_only_the_loop_gates():
+    """A kernel with a jump table (BRX: nvcc emits one for some switches) has no known loops: every gate on
+    its loops fails, naming the branch, and its other checks (spills, occupancy) still run."""
+    text = _HEAD.format("k") + """        /*0000*/                   BRX R4 -0x10 ;
+        /*0010*/                   EXIT ;
+""" + _TAIL.format("k")
+    rec = _record(text, "k")
+    assert rec["loops"] == [] and "indirect branch BRX" in rec["unanalysable"]
+    spills = sass.evaluate_gate(rec, {"name": "g", "kernel": "k", "max_spills": 0, "min_occupancy": 0.5})
+    assert [(r["gate"], r["ok"]) for r in spills] == [("max_spills", True), ("min_occupancy", True)]
+    loops = sass.evaluate_gate(rec, {"name": "g", "kernel": "k", "max_spills": 0, "forbid_local_in_loops": True,
+                                     "elems_per_iter": 4, "max_instr_per_elem": 40})
+    assert [(r["gate"], r["ok"]) for r in loops] == [("cfg", False), ("max_spills", True)]
+    assert "indirect branch" in loops[0]["detail"]
+
+
 def test_gate_checks_on_the_nested_loops():
     rec = _record(SASS_NESTED, "t")
     assert rec["local_in_loops"] == 1 and rec["loops"][rec["hottest_loop"]]["header"] == "0x0050"

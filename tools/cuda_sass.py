@@ -47,11 +47,11 @@ _RE_LABEL = re.compile(r"^\s*([.$\w]+):\s*$")
 _RE_FILE_LINE = re.compile(r'//##\s+File\s+"([^"]+)",\s+line\s+(\d+)')
 _RE_LABEL_REF = re.compile(r"`\(([^)]+)\)")
 _RE_PRED_OPERAND = re.compile(r"^!?U?P[0-9T]")
-_BRANCHES = {"BRA", "JMP"}  # direct; BRX / JMX (indirect) are refused: their targets are unknown
+_BRANCHES = {"BRA", "JMP"}  # direct; BRX / JMX (indirect: jump tables) leave a function's loops unknown
 _ENDS = {"EXIT", "RET", "KILL", "BPT"}
 
 
-def parse_nvdisasm(text: str) -> dict[str, list[Instr]]:
+def parse_nvdisasm(text: str, indirect: dict[str, str] | None = None) -> dict[str, list[Instr]]:
     """Function name -> its instructions, from ``nvdisasm -c -g``; branch and local call targets resolved."""
     funcs: dict[str, list[Instr]] = {}
     labels: dict[str, dict[str, int]] = {}
@@ -80,8 +80,12 @@ def parse_nvdisasm(text: str) -> dict[str, list[Instr]]:
     for name, instrs in funcs.items():
         for ins in instrs:
             if ins.base in ("BRX", "JMX"):
-                raise SassError(f"{name}: indirect branch {ins.opcode} at 0x{ins.addr:04x}: its control flow "
-                                "is unknown to the loop analysis")
+                msg = (f"{name}: indirect branch {ins.opcode} at 0x{ins.addr:04x}: its control flow is unknown to "
+                       "the loop analysis")
+                if indirect is None:
+                    raise SassError(msg)
+                indirect.setdefault(name, msg)  # (the caller analyses no loops of this function)
+                continue
             if ins.base in _BRANCHES or ins.opcode.startswith("CALL.REL"):
                 m = _RE_LABEL_REF.search(ins.operands)
                 if not m or m.group(1) not in labels[name]:
@@ -380,11 +384,12 @@ def analyse(sass: str, functions: dict[str, dict[str, Any]], arch: str, file: st
     functions by name (registers, stack, spills, static smem, launch_bound). JSON-able but for ``_loops``
     (the Loop objects, which the gates read)."""
     out = []
-    for name, instrs in sorted(parse_nvdisasm(sass).items()):
+    indirect: dict[str, str] = {}  # functions with an indirect branch (a jump table): no loops found in them
+    for name, instrs in sorted(parse_nvdisasm(sass, indirect).items()):
         fn = functions.get(name)
         if fn is None:
             continue  # not an entry function
-        loops, irreducible = find_loops(instrs)
+        loops, irreducible = find_loops(instrs) if name not in indirect else ([], 0)
         hot = hottest(loops)
         block = fn.get("launch_bound") or default_block
         out.append({
@@ -395,6 +400,7 @@ def analyse(sass: str, functions: dict[str, dict[str, Any]], arch: str, file: st
             "instructions": reachable_count(instrs), "irreducible_edges": irreducible,
             "loops": [lp.to_json() for lp in loops], "hottest_loop": loops.index(hot) if hot else None,
             "local_in_loops": sum(lp.summary["ldl"] + lp.summary["stl"] for lp in loops),  # own sets: disjoint
+            "unanalysable": indirect.get(name, ""),
             "_loops": loops,
         })
     return out
@@ -480,6 +486,10 @@ def evaluate_gate(rec: dict[str, Any], gate: dict[str, Any]) -> list[dict[str, A
                     "detail": detail})
 
     reads_loops = bool(set(gate) & LOOP_LIMITS) or gate.get("forbid_local_in_loops")
+    if reads_loops and rec.get("unanalysable"):
+        # a gate on the loops of a kernel whose loops are unknown fails, naming why; its other checks still run
+        add("cfg", "indirect branch", "none", False, detail=rec["unanalysable"])
+        gate = {k: v for k, v in gate.items() if k not in LOOP_LIMITS and k != "forbid_local_in_loops"}
     if reads_loops and rec["irreducible_edges"]:
         add("cfg", f"{rec['irreducible_edges']} irreducible edge(s)", "none", False,
             detail="a loop without a dominating header: its instructions are in no loop's counts")
