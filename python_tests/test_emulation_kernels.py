@@ -129,6 +129,10 @@ def margin_ce_case(N, C, dtype, *, seed=0, features=(), angular="linear", ignore
         x = torch.randn(N, C, generator=g, dtype=torch.float64) * 2
     else:
         x = torch.rand(N, C, generator=g, dtype=torch.float64) * 2 - 1
+    if "bounds" in features:  # cosines at and beyond +-1 (ArcFace's clamp: no gradient there)
+        x = x * 1.25
+        x.view(-1)[::7] = 1.0
+        x.view(-1)[3::11] = -1.0
     x = x.to(dtype)
     t = torch.randint(0, C, (N,), generator=g) if C > 0 else torch.zeros(N, dtype=torch.int64)
     if ignore and N > 1:
@@ -371,6 +375,7 @@ STREAM_FEATURES = {
     4: (("shift", "scale", "weight"), dict(reduction=2)),
     8: (("cloud_philox", "scale", "margin"), dict(reduction=2)),
     10: (("cloud_philox", "col_bias", "margin"), dict(reduction=0)),
+    16: (("scale", "margin", "weight", "bounds"), dict(reduction=3, angular="arcface")),
 }
 
 
@@ -387,7 +392,8 @@ def test_margin_ce_stream_edge_shapes(L, feat, dtype, N, C, offsets):
     two elements off: 8-byte pieces, the (N, 8142) case; an input aligned unlike the gradient, which fp16 /
     bf16 send to the generic kernel unless the cloud is on)."""
     features, extra = STREAM_FEATURES[feat]
-    x, t, kw = margin_ce_case(N, C, dtype, features=features, ignore=True)
+    extra = dict(extra)
+    x, t, kw = margin_ce_case(N, C, dtype, features=features, ignore=True, angular=extra.pop("angular", "linear"))
     kw.update(extra)
     plan = {}
     emu.clear_launches()
@@ -401,6 +407,26 @@ def test_margin_ce_stream_edge_shapes(L, feat, dtype, N, C, offsets):
     assert plan["path"] == ("warp_cached" if C <= 1024 else "block_cached" if C <= 12288 else "block_streaming")
     rec = emu.launches()[-1]
     assert f"margin_ce_stream_kernel<{feat}," in rec["kernel"]
+
+
+@needs_ops
+@pytest.mark.parametrize("angular", ["arcface", "arcface_easy"])
+@pytest.mark.parametrize("mode", ["mean", "focal_full", "ignore_weighted_none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,C", [(3, 7), (9, 100), (3, 2500)])
+def test_margin_ce_stream_arcface(L, angular, mode, dtype, N, C):
+    """ArcFace and its easy-margin variant in the stream kernel (kFeatArcFace): cosines clamped to [-1, 1]
+    with no gradient at or beyond the bounds, the target's S cos(theta + m) and its derivative kept by the
+    lane that owns the target's chunk through pass 2; with and without a target scale. (A class scale, bias
+    or row shift with an angular mode is refused by the op: test_margin_ce.py.)"""
+    m = dict(MODES[mode])
+    feats = ("scale", "margin", "bounds") + (("target_scale",) if C == 100 else ())
+    x, t, kw = margin_ce_case(N, C, dtype, features=feats, angular=angular, ignore=m.pop("ignore", False),
+                              weight=m.pop("weight", False))
+    kw.update(m)
+    plan = {}
+    _check_vs_op(L, x, t, kw, plan=plan)
+    assert plan["kernel"] == "margin_ce_stream_kernel"
 
 
 @needs_ops

@@ -1,6 +1,6 @@
 // The specialised row kernels of the fused margin cross-entropy for the common case: the linear transform
-// (z = S (r_j c + b_j + t_i beta_j - pert_ij - m [j = y])), no label smoothing, cloud noise (if any) from
-// Philox. Which per-class vectors exist is a template parameter (kFeat, MarginCeFeat), so the hot loops
+// (z = S (r_j c + b_j + t_i beta_j - pert_ij - m [j = y])) or ArcFace (z = S clamp(c), the target's
+// S cos(theta + m)), no label smoothing, cloud noise (if any) from Philox. Which per-class vectors exist is a template parameter (kFeat, MarginCeFeat), so the hot loops
 // test no option; the host (plan_margin_ce_stream) picks the instantiation, and any other call runs the
 // generic kernel (margin_ce_kernels.cuh). Per-row quantities that do not depend on the column (the target's
 // logit and margin, the row scale, weights, focal terms) are computed once per row.
@@ -55,11 +55,13 @@ constexpr int64_t kRowCacheMaxBytes = 48 * 1024;  // a block's logit cache (no o
 constexpr float kLog2eF = 1.4426950408889634f;
 
 // The per-element features of a call (bits of kFeat). Margin, target scale and weights are per row.
-enum MarginCeFeat : int { kFeatColScale = 1, kFeatColBias = 2, kFeatShift = 4, kFeatCloud = 8 };
+// kFeatArcFace: ArcFace (or its easy-margin variant): every cosine clamped to [-1, 1], the target's logit
+// S cos(theta + m) (ltk/transform.h), with no other per-element feature.
+enum MarginCeFeat : int { kFeatColScale = 1, kFeatColBias = 2, kFeatShift = 4, kFeatCloud = 8, kFeatArcFace = 16 };
 
 // The kFeat values that have an instantiation (the losses' combinations: CE / LDAM / KPS 0, LA bias,
-// FBL shift, GCL cloud, and their mixes with a class scale), as X(F).
-#define LTK_STREAM_FEATURES(X) X(0) X(1) X(2) X(3) X(4) X(8) X(10)
+// FBL shift, GCL cloud, and their mixes with a class scale; ArcFace), as X(F).
+#define LTK_STREAM_FEATURES(X) X(0) X(1) X(2) X(3) X(4) X(8) X(10) X(16)
 
 constexpr bool stream_instantiated(int f) {
 #define LTK_STREAM_IS(F) f == F ||
@@ -74,6 +76,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 #else
   return exp2f(x);
+#endif
+}
+
+// sin x and cos x for the small angles of margins: sincospif reduces its argument by exact arithmetic,
+// where sincosf keeps a table in local memory for |x| > 105615 (which the SASS gate sees in a loop). The
+// emulator takes the host's sin / cos (its bits may differ from the GPU's in the last place).
+__device__ __forceinline__ void small_angle_sincos(float x, float& s, float& c) {
+#if defined(__CUDA_ARCH__)
+  sincospif(x * 0.318309886183790672f, &s, &c);
+#else
+  s = ::sinf(x);
+  c = ::cosf(x);
 #endif
 }
 
@@ -222,6 +236,8 @@ struct StreamRow {
   float S, t, noise_mul, m;
   uint64_t seed, offset, row;
   int y;
+  int mode;          // a.angular
+  float z_t, jac_t;  // kFeatArcFace: the target's logit S cos(theta + m) and its dz/dc, computed before pass 1
 
   // The standard normals of columns j0 .. j0 + K - 1 (j0 a multiple of 4: whole Philox groups).
   template <int K>
@@ -239,6 +255,7 @@ struct StreamRow {
   }
   // The transformed cosine x_j (before the margin) of column j, given c and its standard normal.
   __device__ __forceinline__ float x_of(int j, float c, float nz) const {
+    if constexpr ((kFeat & kFeatArcFace) != 0) return c > 1.f ? 1.f : (c < -1.f ? -1.f : c);
     float x = c;
     if constexpr ((kFeat & kFeatColScale) != 0) x = r[j] * c;
     if constexpr ((kFeat & kFeatColBias) != 0) x += b[j];
@@ -250,18 +267,22 @@ struct StreamRow {
     }
     return x;
   }
-  __device__ __forceinline__ float jac(int j) const {
+  // dz/dc of non-target column j from its logit u (ArcFace: none at or beyond the clamp's bounds, where
+  // u = +-S exactly: S c rounds to S only for c >= 1)
+  __device__ __forceinline__ float jac(int j, float u) const {
+    if constexpr ((kFeat & kFeatArcFace) != 0) return fabsf(u) == fabsf(S) ? 0.f : S;
     if constexpr ((kFeat & kFeatColScale) != 0) return S * r[j];
     return S;
   }
 };
 
-// Logits of the chunk at j0: u[k] = S x, the target's S (x - m) (also written to u_t); columns outside
-// [0, C) (the head and tail chunks) are -inf. kFull: every column of the chunk is in the row. The target's
-// logit comes from the chunk that holds it, so that no lane reads it (and waits for it) before pass 1.
+// Logits of the chunk at j0: u[k] = S x, the target's S (x - m) (ArcFace: S cos(theta + m)), also written
+// to u_t, its dz/dc to jac_t; columns outside [0, C) (the head and tail chunks) are -inf. kFull: every
+// column of the chunk is in the row. The target's logit comes from the chunk that holds it, so that no
+// lane reads it (and waits for it) before pass 1.
 template <bool kFull, int kFeat, int K>
 __device__ __forceinline__ void chunk_logits(const StreamRow<kFeat>& row, int j0, int C, const float (&c)[K],
-                                             float (&u)[K], float& u_t) {
+                                             float (&u)[K], float& u_t, float& jac_t) {
   float nz[K];
   row.normals(j0, nz);
 #pragma unroll
@@ -270,10 +291,17 @@ __device__ __forceinline__ void chunk_logits(const StreamRow<kFeat>& row, int j0
     const bool in_row = kFull || static_cast<unsigned>(j0 + k) < static_cast<unsigned>(C);
     u[k] = in_row ? row.x_of(j0 + k, c[k], (kFeat & kFeatCloud) ? nz[k] : 0.f) * row.S : -INFINITY;
   }
-  if (static_cast<unsigned>(row.y - j0) < static_cast<unsigned>(K)) {  // the target's chunk: rare, so a branch
+  if constexpr ((kFeat & kFeatArcFace) != 0) {
+    // (the target's logit is the row's: a select, no branch whose angular math the loop would carry)
 #pragma unroll
-    for (int k = 0; k < K; ++k)
-      if (j0 + k == row.y) u[k] = u_t = (row.x_of(j0 + k, c[k], (kFeat & kFeatCloud) ? nz[k] : 0.f) - row.m) * row.S;
+    for (int k = 0; k < K; ++k) u[k] = j0 + k == row.y ? row.z_t : u[k];
+  } else if (static_cast<unsigned>(row.y - j0) < static_cast<unsigned>(K)) {  // the target's chunk: rare, so a branch
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (j0 + k != row.y) continue;
+      u[k] = u_t = (row.x_of(j0 + k, c[k], (kFeat & kFeatCloud) ? nz[k] : 0.f) - row.m) * row.S;
+      jac_t = row.jac(j0 + k, u[k]);
+    }
   }
 }
 
@@ -435,11 +463,14 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
   const int tail_j0 = h + full * K < C ? h + full * K : -1;
   const bool my_tail = tail_j0 >= 0 && lane == full % T;
   const bool my_head = h > 0 && lane == T - 1;
-  float m = -INFINITY, s = 0.f, u_t = -INFINITY;  // u_t: the target's logit, in the lane whose chunk holds it
+  // u_t: the target's logit, jac_t its dz/dc, in the lane whose chunk holds it (the same lane in both passes;
+  // ArcFace: every lane, from before pass 1)
+  float m = -INFINITY, s = 0.f, u_t = -INFINITY, jac_t = 0.f;
+  if constexpr ((kFeat & kFeatArcFace) != 0) u_t = row.z_t, jac_t = row.jac_t;
   for_each_chunk<kWidth>(x + h, full, lane, T, [&](int q, const unsigned (&w)[4]) {
     for_each_group<scalar_t>(w, [&](int p, const float (&c)[kGroup]) {
       float u[kGroup];
-      chunk_logits<true>(row, h + q * K + p * kGroup, C, c, u, u_t);
+      chunk_logits<true>(row, h + q * K + p * kGroup, C, c, u, u_t, jac_t);
       if constexpr (kCached) cache_put_group(cache, slots, p, q, u);
       merge_chunk(u, m, s);
     });
@@ -451,7 +482,7 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
       const int jg = j0 + p * kGroup;
       float c[kGroup], u[kGroup];
       load_partial_group<kWidth>(x, jg, C, c);
-      chunk_logits<false>(row, jg, C, c, u, u_t);
+      chunk_logits<false>(row, jg, C, c, u, u_t, jac_t);
       if constexpr (kCached) cache_put_group(cache, slots, p, slot, u);
       merge_chunk(u, m, s);
     }
@@ -483,9 +514,14 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
         d[k] = 0.f;
         continue;
       }
-      const float dz = A * exp_diff(u[k] - M) - (j == row.y ? B : 0.f);
+      const bool tgt = j == row.y;
+      const float dz = A * exp_diff(u[k] - M) - (tgt ? B : 0.f);
       if constexpr ((kFeat & kFeatShift) != 0) gshift += dz * row.beta[j];
-      d[k] = dz * row.jac(j);
+      if constexpr ((kFeat & kFeatArcFace) != 0) {
+        d[k] = dz * (tgt ? jac_t : row.jac(j, u[k]));
+      } else {
+        d[k] = dz * row.jac(j, u[k]);  // (linear: the target's dz/dc is every column's)
+      }
     }
   };
   // group p of full chunk q from its logits u, packed into the chunk's words wg
@@ -510,7 +546,7 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
       unsigned wg[4];
       for_each_group<scalar_t>(w, [&](int p, const float (&c)[kGroup]) {
         float u[kGroup], unused;
-        chunk_logits<true>(row, h + q * K + p * kGroup, C, c, u, unused);
+        chunk_logits<true>(row, h + q * K + p * kGroup, C, c, u, unused, jac_t);
         group_grads(q, p, u, wg);
       });
       if (g) store_words<kWidth>(g + h + q * K, wg);
@@ -528,7 +564,7 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
       } else {
         float c[kGroup], unused;
         load_partial_group<kWidth>(x, jg, C, c);
-        chunk_logits<false>(row, jg, C, c, u, unused);
+        chunk_logits<false>(row, jg, C, c, u, unused, jac_t);
       }
       grads(jg, u, d, false);
       if (g) for_each_partial_piece<kWidth, scalar_t>(jg, C, [&](auto w, int k) { store_piece<decltype(w)::value>(g + jg, k, d); });
@@ -571,9 +607,21 @@ __device__ __forceinline__ void margin_ce_stream_row(const MarginCeArgs<scalar_t
   }
   CUDA_KERNEL_ASSERT(y >= 0 && y < C);
   StreamRow<kFeat> row{a.col_scale, a.col_bias, a.shift_coef, a.cloud, 0.f, 0.f, a.noise_mul, 0.f, 0, 0,
-                       static_cast<uint64_t>(i), static_cast<int>(y)};
+                       static_cast<uint64_t>(i), static_cast<int>(y), a.angular, 0.f, 0.f};
   row.S = a.target_scale ? a.target_scale[y] : a.scale;
   row.m = a.margin ? a.margin[y] : 0.f;
+  if constexpr ((kFeat & kFeatArcFace) != 0) {
+    // the target's logit by every lane (one broadcast load), before pass 1, so that the loops carry no angular
+    // math: sin / cos of the margin without sincosf's huge-argument path (local memory; margins are small)
+    float sm, cm;
+    small_angle_sincos(row.m, sm, cm);
+    const bool easy = a.angular == kArcFaceEasy;
+    // cos(pi - m) = -cos m, sin(pi - m) = sin m: ArcFace's threshold and fallback (ltk/transform.h)
+    const AngularConsts<float> angle{cm, sm, easy ? 0.f : -cm, easy ? 0.f : sm * row.m};
+    const ElemOut<float> e = angular_logit_with<float>(static_cast<float>(a.input[i * a.C + y]), angle, a.angular, row.S);
+    row.z_t = e.z;
+    row.jac_t = e.dzdc;
+  }
   if constexpr ((kFeat & kFeatShift) != 0) row.t = a.row_shift[i];
   if constexpr ((kFeat & kFeatCloud) != 0) philox_key(a, row.seed, row.offset);
   // Where the input row's first 16-byte boundary is one of the gradient row's too (and no cloud), full
@@ -650,13 +698,15 @@ int stream_features(const MarginCeArgs<scalar_t, acc_t>& a) {
   if constexpr (!kStreamTypes<scalar_t, acc_t>) {
     return -1;
   } else {
-    if (a.angular != kLinear || a.smoothing != acc_t(0) || a.noise || a.C > 0x7fffffff - 16) return -1;
+    if (a.smoothing != acc_t(0) || a.noise || a.C > 0x7fffffff - 16) return -1;
     if ((reinterpret_cast<uintptr_t>(a.input) | (a.grad ? reinterpret_cast<uintptr_t>(a.grad) : 0)) %
             sizeof(scalar_t) != 0)
       return -1;
-    const int f = (a.col_scale ? kFeatColScale : 0) | (a.col_bias ? kFeatColBias : 0) |
-                  (a.shift_coef ? kFeatShift : 0) | (a.cloud ? kFeatCloud : 0);
-    if (!stream_instantiated(f)) return -1;
+    const int vectors = (a.col_scale ? kFeatColScale : 0) | (a.col_bias ? kFeatColBias : 0) |
+                        (a.shift_coef ? kFeatShift : 0) | (a.cloud ? kFeatCloud : 0);
+    // ArcFace with per-element vectors, and the other angular modes, take the generic kernel
+    const int f = arcface_clamps(a.angular) ? (vectors ? -1 : kFeatArcFace) : a.angular == kLinear ? vectors : -1;
+    if (f < 0 || !stream_instantiated(f)) return -1;
     // (kNarrowPaths: without them every row's input and gradient must share their offset mod 16 bytes)
     if (!has_narrow_paths(f, sizeof(scalar_t)) && a.grad && (reinterpret_cast<uintptr_t>(a.input) - reinterpret_cast<uintptr_t>(a.grad)) % 16 != 0)
       return -1;

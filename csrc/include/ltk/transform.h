@@ -20,38 +20,57 @@ struct ElemOut {
   acc_t dzdc;
 };
 
-// Angular margin M applied to cosine c (ArcFace clamps c to [-1, 1] first, GCLAng does not). The derivative
-// of sqrt(1 - c^2) is guarded: at |c| = 1 the sine is 0 and its derivative -c/sin is taken as 0
-// (ltkernels.reference._safe_sqrt does the same), so gradients stay finite at the poles.
+// The trigonometry of an angular margin M (and ArcFace's fallback margin m) for angular_logit_with: the
+// same for every column that shares M, so a kernel can compute it once per row.
 template <typename acc_t>
-LTK_HD ElemOut<acc_t> angular_logit(acc_t c_in, acc_t M, acc_t m_for_fallback, int mode, acc_t S) {
+struct AngularConsts {
+  acc_t cosM, sinM;
+  acc_t threshold;  // cos(pi - M): phi applies above it (the non-easy modes)
+  acc_t fallback;   // subtracted from c below it: ArcFace sin(pi - m) m, GCLAng sin(pi - M)
+};
+
+template <typename acc_t>
+LTK_HD AngularConsts<acc_t> angular_consts(acc_t M, acc_t m_for_fallback, int mode) {
+  AngularConsts<acc_t> k;
+  k.cosM = ::cos(M);
+  k.sinM = ::sin(M);
+  k.threshold = k.fallback = acc_t(0);
+  if (mode != kArcFaceEasy && mode != kGclAngEasy) {
+    const acc_t pi = acc_t(3.14159265358979323846);
+    k.threshold = ::cos(pi - M);
+    // ArcFace: c - sin(pi - m) m ; GCLAng: c - sin(pi - M)  (docs/methods.md §2, §5)
+    k.fallback = (mode == kArcFace) ? ::sin(pi - m_for_fallback) * m_for_fallback : ::sin(pi - M);
+  }
+  return k;
+}
+
+// Angular margin applied to cosine c (ArcFace clamps c to [-1, 1] first, GCLAng does not), its trigonometry
+// precomputed. The derivative of sqrt(1 - c^2) is guarded: at |c| = 1 the sine is 0 and its derivative
+// -c/sin is taken as 0 (ltkernels.reference._safe_sqrt does the same), so gradients stay finite at the poles.
+template <typename acc_t>
+LTK_HD ElemOut<acc_t> angular_logit_with(acc_t c_in, const AngularConsts<acc_t>& k, int mode, acc_t S) {
   const bool arc = (mode == kArcFace || mode == kArcFaceEasy);
   // torch.clamp passes no gradient at or beyond its bounds; neither do we
   const bool clamped = arc && (c_in >= acc_t(1) || c_in <= acc_t(-1));
   const acc_t c = !arc ? c_in : (c_in > acc_t(1) ? acc_t(1) : (c_in < acc_t(-1) ? acc_t(-1) : c_in));
-  const acc_t cosM = ::cos(M), sinM = ::sin(M);
   const acc_t one_minus = acc_t(1) - c * c;
   const acc_t sine = ltk_sqrt<acc_t>(one_minus > acc_t(0) ? one_minus : acc_t(0));
-  const acc_t phi = c * cosM - sine * sinM;
+  const acc_t phi = c * k.cosM - sine * k.sinM;
   // d sqrt(1 - c^2)/dc = -c / sine where sine > 0, and 0 at the poles (the reference's convention)
-  const acc_t dphi = sine > acc_t(0) ? cosM + c / sine * sinM : cosM;
+  const acc_t dphi = sine > acc_t(0) ? k.cosM + c / sine * k.sinM : k.cosM;
   const bool easy = (mode == kArcFaceEasy || mode == kGclAngEasy);
-  bool use_phi;
-  acc_t alt;
-  if (easy) {
-    use_phi = c > acc_t(0);
-    alt = c;
-  } else {
-    const acc_t pi = acc_t(3.14159265358979323846);
-    use_phi = c > ::cos(pi - M);
-    // ArcFace: c - sin(pi - m) m ; GCLAng: c - sin(pi - M)  (docs/methods.md §2, §5)
-    alt = (mode == kArcFace) ? c - ::sin(pi - m_for_fallback) * m_for_fallback : c - ::sin(pi - M);
-  }
+  const bool use_phi = easy ? c > acc_t(0) : c > k.threshold;
+  const acc_t alt = easy ? c : c - k.fallback;
   ElemOut<acc_t> o;
   o.z = S * (use_phi ? phi : alt);
   // On and outside the bounds the clamp makes the output constant in c.
   o.dzdc = clamped ? acc_t(0) : S * (use_phi ? dphi : acc_t(1));
   return o;
+}
+
+template <typename acc_t>
+LTK_HD ElemOut<acc_t> angular_logit(acc_t c_in, acc_t M, acc_t m_for_fallback, int mode, acc_t S) {
+  return angular_logit_with<acc_t>(c_in, angular_consts<acc_t>(M, m_for_fallback, mode), mode, S);
 }
 
 // Raw cloud noise eps_ij (the N(0, 1/3) draw before clamp and abs) from a standard normal.
