@@ -376,6 +376,8 @@ STREAM_FEATURES = {
     8: (("cloud_philox", "scale", "margin"), dict(reduction=2)),
     10: (("cloud_philox", "col_bias", "margin"), dict(reduction=0)),
     16: (("scale", "margin", "weight", "bounds"), dict(reduction=3, angular="arcface")),
+    32: (("scale", "margin", "target_scale"), dict(reduction=2, label_smoothing=0.1)),
+    96: (("margin", "weight"), dict(reduction=0, label_smoothing=0.3)),
 }
 
 
@@ -552,12 +554,17 @@ def test_margin_ce_vs_reference(L, features, kw_extra, dtype, N, C):
 
 
 @needs_ops
-def test_margin_ce_no_grad_requested(L):
-    x, t, kw = margin_ce_case(4, 50, torch.float32, features=("margin",))
-    loss, grad, _, _ = emu_margin_ce(L, x, t, kw, compute_grad=False)
+@pytest.mark.parametrize("smoothing,C", [(0.0, 50), (0.2, 50), (0.2, 3000)])
+def test_margin_ce_no_grad_requested(L, smoothing, C):
+    """Loss only: with label smoothing the stream kernel still runs its second pass (smoothing's sum over the
+    row), writing no gradient."""
+    x, t, kw = margin_ce_case(4, C, torch.float32, features=("margin",), weight=smoothing > 0)
+    kw["label_smoothing"] = smoothing
+    plan = {}
+    loss, grad, _, _ = emu_margin_ce(L, x, t, kw, compute_grad=False, plan=plan)
     r_loss, _, _ = op_margin_ce(x, t, kw, compute_grad=False)
     torch.testing.assert_close(loss, r_loss)
-    assert grad is None
+    assert grad is None and plan["kernel"] == "margin_ce_stream_kernel"
 
 
 @needs_ops

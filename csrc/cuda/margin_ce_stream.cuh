@@ -1,6 +1,7 @@
 // The specialised row kernels of the fused margin cross-entropy for the common case: the linear transform
 // (z = S (r_j c + b_j + t_i beta_j - pert_ij - m [j = y])) or ArcFace (z = S clamp(c), the target's
-// S cos(theta + m)), no label smoothing, cloud noise (if any) from Philox. Which per-class vectors exist is a template parameter (kFeat, MarginCeFeat), so the hot loops
+// S cos(theta + m)), cloud noise (if any) from Philox, label smoothing for plain logits. Which per-class
+// vectors exist is a template parameter (kFeat, MarginCeFeat), so the hot loops
 // test no option; the host (plan_margin_ce_stream) picks the instantiation, and any other call runs the
 // generic kernel (margin_ce_kernels.cuh). Per-row quantities that do not depend on the column (the target's
 // logit and margin, the row scale, weights, focal terms) are computed once per row.
@@ -57,11 +58,17 @@ constexpr float kLog2eF = 1.4426950408889634f;
 // The per-element features of a call (bits of kFeat). Margin, target scale and weights are per row.
 // kFeatArcFace: ArcFace (or its easy-margin variant): every cosine clamped to [-1, 1], the target's logit
 // S cos(theta + m) (ltk/transform.h), with no other per-element feature.
-enum MarginCeFeat : int { kFeatColScale = 1, kFeatColBias = 2, kFeatShift = 4, kFeatCloud = 8, kFeatArcFace = 16 };
+// kFeatSmooth: label smoothing (plain logits), kFeatClassWeight with it: class weights, which smoothing reads
+// for every column (without smoothing only the target's is read, per row).
+enum MarginCeFeat : int {
+  kFeatColScale = 1, kFeatColBias = 2, kFeatShift = 4, kFeatCloud = 8, kFeatArcFace = 16, kFeatSmooth = 32,
+  kFeatClassWeight = 64
+};
 
 // The kFeat values that have an instantiation (the losses' combinations: CE / LDAM / KPS 0, LA bias,
-// FBL shift, GCL cloud, and their mixes with a class scale; ArcFace), as X(F).
-#define LTK_STREAM_FEATURES(X) X(0) X(1) X(2) X(3) X(4) X(8) X(10) X(16)
+// FBL shift, GCL cloud, and their mixes with a class scale; ArcFace; label-smoothed CE, with and without class
+// weights), as X(F).
+#define LTK_STREAM_FEATURES(X) X(0) X(1) X(2) X(3) X(4) X(8) X(10) X(16) X(32) X(96)
 
 constexpr bool stream_instantiated(int f) {
 #define LTK_STREAM_IS(F) f == F ||
@@ -494,16 +501,21 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
   // lanes that saw no (unmasked) column keep m = -inf, s = 0 and contribute nothing
   const float sum = rows.sum(m == -INFINITY ? 0.f : s * exp_diff(m - M));
   const float w_t = a.weight ? a.weight[row.y] : 1.f;
-  const RowCoef<float> rc = row_coefficients<float>(logf(sum), u_t - M, 0.f, w_t, *a.weight_sum, 0.f, C, a.focal,
-                                                    a.gamma);
-  // the row's loss now, so that nothing of pass 1 but A, B and M stays live through pass 2
-  if (lane == 0) store_row_loss(a, static_cast<int64_t>(row.row), rc.loss);
-  if (!g && !a.grad_row_shift) return;
+  constexpr bool kSmooth = (kFeat & kFeatSmooth) != 0;
+  const float smoothing = kSmooth ? a.smoothing : 0.f;
+  // (the gradient's coefficients do not depend on smoothing's sum_j w_j (z_j - M), which pass 2 adds up)
+  const RowCoef<float> rc = row_coefficients<float>(logf(sum), u_t - M, 0.f, w_t, *a.weight_sum, smoothing, C,
+                                                    a.focal, a.gamma);
+  if constexpr (!kSmooth) {
+    // the row's loss now, so that nothing of pass 1 but A, B and M stays live through pass 2
+    if (lane == 0) store_row_loss(a, static_cast<int64_t>(row.row), rc.loss);
+    if (!g && !a.grad_row_shift) return;
+  }
 
   // ---- pass 2: the gradient, already divided by the reduction's denominator
   const float inv_denom = *a.inv_denom;
-  const float A = rc.a / sum * inv_denom, B = rc.b * inv_denom;
-  float gshift = 0.f;
+  const float A = rc.a / sum * inv_denom, B = rc.b * inv_denom, D = rc.d * inv_denom;
+  float gshift = 0.f, swz = 0.f;  // swz: smoothing's sum_j w_j (z_j - M)
   // dz/dx of the n columns at j0 (a group or a partial chunk) into d, and their part of d loss / d t_i
   auto grads = [&](int j0, const auto& u, auto& d, bool full_chunk) {
     constexpr int n = static_cast<int>(sizeof(d) / sizeof(float));
@@ -515,7 +527,12 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
         continue;
       }
       const bool tgt = j == row.y;
-      const float dz = A * exp_diff(u[k] - M) - (tgt ? B : 0.f);
+      float dz = A * exp_diff(u[k] - M) - (tgt ? B : 0.f);
+      if constexpr (kSmooth) {
+        const float w = (kFeat & kFeatClassWeight) != 0 ? a.weight[j] : 1.f;
+        swz += w * (u[k] - M);
+        dz -= D * w;
+      }
       if constexpr ((kFeat & kFeatShift) != 0) gshift += dz * row.beta[j];
       if constexpr ((kFeat & kFeatArcFace) != 0) {
         d[k] = dz * (tgt ? jac_t : row.jac(j, u[k]));
@@ -572,6 +589,14 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
   };
   if (my_tail) partial_grads(tail_j0, full);
   if (my_head) partial_grads(h - K, full + 1);
+  if constexpr (kSmooth) {
+    swz = rows.sum(swz);
+    if (lane == 0) {
+      store_row_loss(a, static_cast<int64_t>(row.row),
+                     row_coefficients<float>(logf(sum), u_t - M, swz, w_t, *a.weight_sum, smoothing, C, a.focal,
+                                             a.gamma).loss);
+    }
+  }
   if constexpr ((kFeat & kFeatShift) != 0) {
     if (a.grad_row_shift) {
       gshift = rows.sum(gshift);
@@ -698,14 +723,18 @@ int stream_features(const MarginCeArgs<scalar_t, acc_t>& a) {
   if constexpr (!kStreamTypes<scalar_t, acc_t>) {
     return -1;
   } else {
-    if (a.smoothing != acc_t(0) || a.noise || a.C > 0x7fffffff - 16) return -1;
+    if (a.noise || a.C > 0x7fffffff - 16) return -1;
     if ((reinterpret_cast<uintptr_t>(a.input) | (a.grad ? reinterpret_cast<uintptr_t>(a.grad) : 0)) %
             sizeof(scalar_t) != 0)
       return -1;
     const int vectors = (a.col_scale ? kFeatColScale : 0) | (a.col_bias ? kFeatColBias : 0) |
                         (a.shift_coef ? kFeatShift : 0) | (a.cloud ? kFeatCloud : 0);
     // ArcFace with per-element vectors, and the other angular modes, take the generic kernel
-    const int f = arcface_clamps(a.angular) ? (vectors ? -1 : kFeatArcFace) : a.angular == kLinear ? vectors : -1;
+    const int f = a.smoothing != acc_t(0)
+                      ? (a.angular == kLinear && !vectors ? kFeatSmooth | (a.weight ? kFeatClassWeight : 0) : -1)
+                  : arcface_clamps(a.angular) ? (vectors ? -1 : kFeatArcFace)
+                  : a.angular == kLinear      ? vectors
+                                              : -1;
     if (f < 0 || !stream_instantiated(f)) return -1;
     // (kNarrowPaths: without them every row's input and gradient must share their offset mod 16 bytes)
     if (!has_narrow_paths(f, sizeof(scalar_t)) && a.grad && (reinterpret_cast<uintptr_t>(a.input) - reinterpret_cast<uintptr_t>(a.grad)) % 16 != 0)
