@@ -147,7 +147,8 @@ __device__ __forceinline__ unsigned pack_word(int k, const float (&v)[K]) {
   }
 }
 
-// kW bytes of elements at p + k (kW-byte aligned; kW = 16, 8, 4 or sizeof(scalar_t)) into v[k ...], and back.
+// kW bytes of elements at p + k (kW-byte aligned; kW = 8, 4 or sizeof(scalar_t): the partial chunks' pieces)
+// into v[k ...], and back.
 template <int kW, typename scalar_t, int K>
 __device__ __forceinline__ void load_piece(const scalar_t* __restrict__ p, int k, float (&v)[K]) {
   constexpr int E = 4 / static_cast<int>(sizeof(scalar_t));  // elements per word
@@ -155,13 +156,10 @@ __device__ __forceinline__ void load_piece(const scalar_t* __restrict__ p, int k
     v[k] = static_cast<float>(p[k]);
   } else if constexpr (kW == 4) {
     unpack_word<scalar_t>(__ldg(reinterpret_cast<const unsigned*>(p + k)), k, v);
-  } else if constexpr (kW == 8) {
+  } else {
+    static_assert(kW == 8, "a piece is 8, 4 bytes or one element (full chunks: load_words)");
     const uint2 r = __ldg(reinterpret_cast<const uint2*>(p + k));
     unpack_word<scalar_t>(r.x, k, v), unpack_word<scalar_t>(r.y, k + E, v);
-  } else {
-    const uint4 r = __ldg(reinterpret_cast<const uint4*>(p + k));
-    unpack_word<scalar_t>(r.x, k, v), unpack_word<scalar_t>(r.y, k + E, v);
-    unpack_word<scalar_t>(r.z, k + 2 * E, v), unpack_word<scalar_t>(r.w, k + 3 * E, v);
   }
 }
 
@@ -172,12 +170,9 @@ __device__ __forceinline__ void store_piece(scalar_t* __restrict__ p, int k, con
     p[k] = static_cast<scalar_t>(v[k]);
   } else if constexpr (kW == 4) {
     *reinterpret_cast<unsigned*>(p + k) = pack_word<scalar_t>(k, v);
-  } else if constexpr (kW == 8) {
-    store_vector(reinterpret_cast<uint2*>(p + k), make_uint2(pack_word<scalar_t>(k, v), pack_word<scalar_t>(k + E, v)));
   } else {
-    store_vector(reinterpret_cast<uint4*>(p + k), make_uint4(pack_word<scalar_t>(k, v), pack_word<scalar_t>(k + E, v),
-                                                             pack_word<scalar_t>(k + 2 * E, v),
-                                                             pack_word<scalar_t>(k + 3 * E, v)));
+    static_assert(kW == 8, "a piece is 8, 4 bytes or one element (full chunks: store_words)");
+    store_vector(reinterpret_cast<uint2*>(p + k), make_uint2(pack_word<scalar_t>(k, v), pack_word<scalar_t>(k + E, v)));
   }
 }
 
@@ -243,7 +238,6 @@ struct StreamRow {
   float S, t, noise_mul, m;
   uint64_t seed, offset, row;
   int y;
-  int mode;          // a.angular
   float z_t, jac_t;  // kFeatArcFace: the target's logit S cos(theta + m) and its dz/dc, computed before pass 1
 
   // The standard normals of columns j0 .. j0 + K - 1 (j0 a multiple of 4: whole Philox groups).
@@ -283,13 +277,13 @@ struct StreamRow {
   }
 };
 
-// Logits of the chunk at j0: u[k] = S x, the target's S (x - m) (ArcFace: S cos(theta + m)), also written
-// to u_t, its dz/dc to jac_t; columns outside [0, C) (the head and tail chunks) are -inf. kFull: every
+// Logits of the chunk at j0: u[k] = S x, the target's S (x - m) (ArcFace: row.z_t), also written to u_t;
+// columns outside [0, C) (the head and tail chunks) are -inf. kFull: every
 // column of the chunk is in the row. The target's logit comes from the chunk that holds it, so that no
 // lane reads it (and waits for it) before pass 1.
 template <bool kFull, int kFeat, int K>
 __device__ __forceinline__ void chunk_logits(const StreamRow<kFeat>& row, int j0, int C, const float (&c)[K],
-                                             float (&u)[K], float& u_t, float& jac_t) {
+                                             float (&u)[K], float& u_t) {
   float nz[K];
   row.normals(j0, nz);
 #pragma unroll
@@ -307,7 +301,6 @@ __device__ __forceinline__ void chunk_logits(const StreamRow<kFeat>& row, int j0
     for (int k = 0; k < K; ++k) {
       if (j0 + k != row.y) continue;
       u[k] = u_t = (row.x_of(j0 + k, c[k], (kFeat & kFeatCloud) ? nz[k] : 0.f) - row.m) * row.S;
-      jac_t = row.jac(j0 + k, u[k]);
     }
   }
 }
@@ -470,14 +463,12 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
   const int tail_j0 = h + full * K < C ? h + full * K : -1;
   const bool my_tail = tail_j0 >= 0 && lane == full % T;
   const bool my_head = h > 0 && lane == T - 1;
-  // u_t: the target's logit, jac_t its dz/dc, in the lane whose chunk holds it (the same lane in both passes;
-  // ArcFace: every lane, from before pass 1)
-  float m = -INFINITY, s = 0.f, u_t = -INFINITY, jac_t = 0.f;
-  if constexpr ((kFeat & kFeatArcFace) != 0) u_t = row.z_t, jac_t = row.jac_t;
+  // u_t: the target's logit, in the lane whose chunk holds it (ArcFace: every lane, from before pass 1)
+  float m = -INFINITY, s = 0.f, u_t = (kFeat & kFeatArcFace) != 0 ? row.z_t : -INFINITY;
   for_each_chunk<kWidth>(x + h, full, lane, T, [&](int q, const unsigned (&w)[4]) {
     for_each_group<scalar_t>(w, [&](int p, const float (&c)[kGroup]) {
       float u[kGroup];
-      chunk_logits<true>(row, h + q * K + p * kGroup, C, c, u, u_t, jac_t);
+      chunk_logits<true>(row, h + q * K + p * kGroup, C, c, u, u_t);
       if constexpr (kCached) cache_put_group(cache, slots, p, q, u);
       merge_chunk(u, m, s);
     });
@@ -489,14 +480,15 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
       const int jg = j0 + p * kGroup;
       float c[kGroup], u[kGroup];
       load_partial_group<kWidth>(x, jg, C, c);
-      chunk_logits<false>(row, jg, C, c, u, u_t, jac_t);
+      chunk_logits<false>(row, jg, C, c, u, u_t);
       if constexpr (kCached) cache_put_group(cache, slots, p, slot, u);
       merge_chunk(u, m, s);
     }
   };
   if (my_tail) partial_logits(tail_j0, full);
   if (my_head) partial_logits(h - K, full + 1);
-  u_t = rows.max(u_t);  // (NaN propagates, as in the other lanes' statistics)
+  // (NaN propagates, as in the other lanes' statistics; ArcFace's every lane has it already)
+  if constexpr ((kFeat & kFeatArcFace) == 0) u_t = rows.max(u_t);
   const float M = rows.max(m);
   // lanes that saw no (unmasked) column keep m = -inf, s = 0 and contribute nothing
   const float sum = rows.sum(m == -INFINITY ? 0.f : s * exp_diff(m - M));
@@ -535,7 +527,7 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
       }
       if constexpr ((kFeat & kFeatShift) != 0) gshift += dz * row.beta[j];
       if constexpr ((kFeat & kFeatArcFace) != 0) {
-        d[k] = dz * (tgt ? jac_t : row.jac(j, u[k]));
+        d[k] = dz * (tgt ? row.jac_t : row.jac(j, u[k]));
       } else {
         d[k] = dz * row.jac(j, u[k]);  // (linear: the target's dz/dc is every column's)
       }
@@ -563,7 +555,7 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
       unsigned wg[4];
       for_each_group<scalar_t>(w, [&](int p, const float (&c)[kGroup]) {
         float u[kGroup], unused;
-        chunk_logits<true>(row, h + q * K + p * kGroup, C, c, u, unused, jac_t);
+        chunk_logits<true>(row, h + q * K + p * kGroup, C, c, u, unused);
         group_grads(q, p, u, wg);
       });
       if (g) store_words<kWidth>(g + h + q * K, wg);
@@ -581,7 +573,7 @@ __device__ __forceinline__ void stream_row(const MarginCeArgs<scalar_t, float>& 
       } else {
         float c[kGroup], unused;
         load_partial_group<kWidth>(x, jg, C, c);
-        chunk_logits<false>(row, jg, C, c, u, unused, jac_t);
+        chunk_logits<false>(row, jg, C, c, u, unused);
       }
       grads(jg, u, d, false);
       if (g) for_each_partial_piece<kWidth, scalar_t>(jg, C, [&](auto w, int k) { store_piece<decltype(w)::value>(g + jg, k, d); });
@@ -632,7 +624,7 @@ __device__ __forceinline__ void margin_ce_stream_row(const MarginCeArgs<scalar_t
   }
   CUDA_KERNEL_ASSERT(y >= 0 && y < C);
   StreamRow<kFeat> row{a.col_scale, a.col_bias, a.shift_coef, a.cloud, 0.f, 0.f, a.noise_mul, 0.f, 0, 0,
-                       static_cast<uint64_t>(i), static_cast<int>(y), a.angular, 0.f, 0.f};
+                       static_cast<uint64_t>(i), static_cast<int>(y), 0.f, 0.f};
   row.S = a.target_scale ? a.target_scale[y] : a.scale;
   row.m = a.margin ? a.margin[y] : 0.f;
   if constexpr ((kFeat & kFeatArcFace) != 0) {
