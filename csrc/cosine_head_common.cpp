@@ -2,6 +2,14 @@
 // argument checks, operand layouts, the GEMMs (at::mm: CPU BLAS or cuBLAS) and the order of the fused
 // device primitives (CosineDeviceOps).
 //
+// Dtypes: float32 and float64 compute in their own precision; float16 and bfloat16 operands go into the GEMMs
+// as they are (tensor cores on CUDA, the CPU's bf16 GEMM; both accumulate in fp32) and every norm, dot product
+// and epilogue is fp32 (ltk/cosine_head.h: cosine_acc_t), so the norm and dot-product tensors of a 16-bit
+// operand are float32. float16 has a 65504 range: a raw dot product |x||w| cos can overflow it, so for
+// float16 the operands are normalised before the forward GEMM and the backward takes the normalised-operand
+// path (no G / |x| / |w|, which can also leave its range); bfloat16 has float32's range and takes the raw
+// paths of float32.
+//
 // Layouts: features (N, D) have their vectors along dim 1, the weight (D, C) along dim 0 (the official
 // NormedLinear layout). Either operand may be contiguous or the transpose of a contiguous matrix (e.g. a
 // (C, D) weight passed as weight.t()); both are used without a copy and each gradient comes back in its
@@ -33,8 +41,16 @@ Operand canonical(const at::Tensor& t, bool vectors_are_rows) {
 }
 
 void check_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-                   " must be float32 or float64, got ", t.scalar_type());
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                   " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+// dtype of the norms, dot products and scale that go with data of dtype `t` (cosine_acc_t).
+at::ScalarType acc_dtype(at::ScalarType t) { return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t; }
+
+at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(acc_dtype(like.scalar_type()));
 }
 
 void check_operands(const at::Tensor& x, const at::Tensor& w, double eps, const char* op) {
@@ -57,8 +73,9 @@ at::Tensor checked_vector(const at::Tensor& v, int64_t len, const at::Tensor& li
                     v.sizes());
   TORCH_CHECK_VALUE(v.device() == like.device(), op, ": ", name, " is on ", v.device(), " but the data is on ",
                     like.device());
-  TORCH_CHECK_TYPE(v.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type(),
-                   ", got ", v.scalar_type());
+  const at::ScalarType want = acc_dtype(like.scalar_type());
+  TORCH_CHECK_TYPE(v.scalar_type() == want, op, ": ", name, " must have dtype ", want, " (for data of dtype ",
+                   like.scalar_type(), "), got ", v.scalar_type());
   return v.contiguous();
 }
 
@@ -70,10 +87,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_impl(const CosineDe
   check_operands(features, weight, eps, "cosine_logits");
   const Operand x = canonical(features, /*vectors_are_rows=*/true);
   const Operand w = canonical(weight, /*vectors_are_rows=*/false);
-  at::Tensor xn = at::empty({features.size(0)}, features.options());
-  at::Tensor wn = at::empty({weight.size(1)}, weight.options());
+  at::Tensor xn = at::empty({features.size(0)}, acc_options(features));
+  at::Tensor wn = at::empty({weight.size(1)}, acc_options(weight));
   dev.norms(x.phys, x.vec_rows, xn);
   dev.norms(w.phys, w.vec_rows, wn);
+  if (features.scalar_type() == at::kHalf) {  // normalised operands: no raw dot product can overflow
+    const at::Tensor none;
+    at::Tensor u = at::empty_like(x.phys, at::MemoryFormat::Contiguous);
+    at::Tensor v = at::empty_like(w.phys, at::MemoryFormat::Contiguous);
+    dev.scale(x.phys, x.vec_rows ? xn : none, x.vec_rows ? none : xn, eps, u);
+    dev.scale(w.phys, w.vec_rows ? wn : none, w.vec_rows ? none : wn, eps, v);
+    at::Tensor out = at::mm(x.to_logical(u), w.to_logical(v));
+    return {out.is_contiguous() ? out : out.contiguous(), xn, wn};
+  }
   // One GEMM on the raw operands, then the fused epilogue c_ij *= inv_x_i inv_w_j in place.
   at::Tensor out = at::mm(x.logical(), w.logical());
   if (!out.is_contiguous()) out = out.contiguous();
@@ -111,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
   const int64_t cost_g2 = N * C;
   const int64_t cost_uv = (need_features ? D * C : 0) + (need_weight ? N * D : 0);
   const bool has_logits = logits.has_value() && logits->defined();
-  const bool use_g2 = path == 1 || (path == 0 && (has_logits || cost_g2 <= cost_uv));
+  const bool half = features.scalar_type() == at::kHalf;  // path 0 is path 2 (see the top of this file)
+  const bool use_g2 = path == 1 || (path == 0 && !half && (has_logits || cost_g2 <= cost_uv));
   const at::Tensor none;
   at::Tensor x_dots, w_dots;
   if (has_logits && use_g2) {
@@ -120,8 +147,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
     TORCH_CHECK_VALUE(logits->device() == grad.device() && logits->scalar_type() == grad.scalar_type(), op,
                       ": logits must be on grad's device with grad's dtype");
     at::Tensor g2 = at::empty({N, C}, features.options());
-    if (need_features) x_dots = at::empty({N}, features.options());
-    if (need_weight) w_dots = at::empty({C}, features.options());
+    if (need_features) x_dots = at::empty({N}, acc_options(features));
+    if (need_weight) w_dots = at::empty({C}, acc_options(features));
     dev.scale_dots(grad, logits->contiguous(), xn, wn, eps, g2, x_dots, w_dots);
     if (need_features) {
       at::Tensor p = x.transposed ? at::mm(w.logical(), g2.t()) : at::mm(g2, w.logical().t());
@@ -177,7 +204,7 @@ at::Tensor cosine_norms_impl(const CosineDeviceOps& dev, const at::Tensor& m, in
                     dim);
   const bool along_rows = (dim < 0 ? dim + 2 : dim) == 1;
   const Operand v = canonical(m, along_rows);
-  at::Tensor out = at::empty({along_rows ? m.size(0) : m.size(1)}, m.options());
+  at::Tensor out = at::empty({along_rows ? m.size(0) : m.size(1)}, acc_options(m));
   dev.norms(v.phys, v.vec_rows, out);
   return out;
 }
@@ -220,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_grad_prep_impl(const CosineDeviceOps& 
   at::assert_no_overlap(grad, logits);
   const at::Tensor rn = checked_vector(row_norm, grad.size(0), grad, op, "row_norm");
   const at::Tensor cn = checked_vector(col_norm, grad.size(1), grad, op, "col_norm");
-  at::Tensor rd = at::empty({grad.size(0)}, grad.options()), cd = at::empty({grad.size(1)}, grad.options());
+  at::Tensor rd = at::empty({grad.size(0)}, acc_options(grad)), cd = at::empty({grad.size(1)}, acc_options(grad));
   const at::Tensor c = logits.contiguous();
   if (grad.is_contiguous()) {
     at::Tensor g = grad;
@@ -256,7 +283,7 @@ void cosine_tangent_impl(const CosineDeviceOps& dev, const at::Tensor& grad, con
     TORCH_CHECK_VALUE(scale->numel() == 1, op, ": scale must have one element, got shape ", scale->sizes());
     TORCH_CHECK_VALUE(scale->device() == grad.device(), op, ": scale is on ", scale->device(), " but grad is on ",
                       grad.device());
-    s = scale->to(grad.scalar_type()).reshape({1}).contiguous();
+    s = scale->to(acc_dtype(grad.scalar_type())).reshape({1}).contiguous();
   }
   const at::Tensor d = (dots.has_value() && dots->defined()) ? checked_vector(*dots, n_vec, grad, op, "dots")
                                                               : at::Tensor();

@@ -4,14 +4,27 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <optional>
 #include <tuple>
 
+#include "ltk/cosine_head.h"
+
+// Dispatch over the four floating dtypes for a CosineDeviceOps back end: data pointers are the storage type
+// scalar_t, norms, dot products and the scale are acc_t (cosine_acc_t: float for the 16-bit types; the
+// tensors of these are allocated and checked in cosine_head_common.cpp).
+#define LTK_COSINE_DISPATCH(TYPE, NAME, ...)                                  \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, [&] { \
+    using acc_t = ::ltk::cosine_acc_t<scalar_t>;                              \
+    __VA_ARGS__();                                                            \
+  })
+
 namespace ltk {
 
 // Primitives on canonical operands: `m` is a contiguous 2-D matrix whose vectors are either its rows
-// (vec_rows) or its columns. All tensors share one floating dtype (float or double) and one device.
+// (vec_rows) or its columns. Matrices share one floating dtype T; norm, dot-product and scale tensors have
+// dtype cosine_acc_t<T> (float32 for float16 / bfloat16); all are on one device.
 struct CosineDeviceOps {
   virtual ~CosineDeviceOps() = default;
   // out[k] = |m_k| (raw L2 norm, not clamped); out contiguous of length n_vec.

@@ -106,13 +106,20 @@ def _empty_like_layout(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(t.shape)
 
 
+def _cosine_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the norms and dot products the cosine ops return for data of ``dtype``: float32 for the
+    16-bit types (their math runs in fp32; csrc/include/ltk/cosine_head.h ``cosine_acc_t``), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 @torch.library.register_fake("ltkernels::cosine_logits")
 def _cosine_logits_fake(features, weight, eps=1e-12):
     torch._check(features.dim() == 2, lambda: f"cosine_logits: features must be 2-D, got {tuple(features.shape)}")
     torch._check(weight.dim() == 2, lambda: f"cosine_logits: weight must be 2-D, got {tuple(weight.shape)}")
     torch._check(features.shape[1] == weight.shape[0], lambda: "cosine_logits: features and weight disagree on D")
     n, c = features.shape[0], weight.shape[1]
-    return features.new_empty((n, c)), features.new_empty((n,)), features.new_empty((c,))
+    acc = _cosine_acc_dtype(features.dtype)
+    return features.new_empty((n, c)), features.new_empty((n,), dtype=acc), features.new_empty((c,), dtype=acc)
 
 
 @torch.library.register_fake("ltkernels::cosine_logits_backward")
@@ -126,7 +133,8 @@ def _cosine_logits_backward_fake(grad, features, weight, feature_norm, weight_no
 @torch.library.register_fake("ltkernels::cosine_norms")
 def _cosine_norms_fake(input, dim):
     torch._check(input.dim() == 2, lambda: f"cosine_norms: input must be 2-D, got {tuple(input.shape)}")
-    return input.new_empty((input.shape[0] if dim in (1, -1) else input.shape[1],))
+    return input.new_empty((input.shape[0] if dim in (1, -1) else input.shape[1],),
+                           dtype=_cosine_acc_dtype(input.dtype))
 
 
 @torch.library.register_fake("ltkernels::cosine_scale_")
@@ -136,7 +144,8 @@ def _cosine_scale_fake(self, row_norm, col_norm, eps=1e-12):
 
 @torch.library.register_fake("ltkernels::cosine_grad_prep_")
 def _cosine_grad_prep_fake(grad, logits, row_norm, col_norm, eps=1e-12):
-    return grad.new_empty((grad.shape[0],)), grad.new_empty((grad.shape[1],))
+    acc = _cosine_acc_dtype(grad.dtype)
+    return grad.new_empty((grad.shape[0],), dtype=acc), grad.new_empty((grad.shape[1],), dtype=acc)
 
 
 @torch.library.register_fake("ltkernels::cosine_tangent_")

@@ -10,8 +10,11 @@
   GCLAng, ArcFace, and the plain CE-type ones), processing the batch in row chunks so that only one
   chunk of logits exists at a time.
 
-Dtypes: the op computes in float32 or float64; float16/bfloat16 inputs (autocast) are computed in float32
-and return float32 cosines.
+Dtypes: float32 and float64 compute in their precision. float16 and bfloat16 operands stay 16-bit in the
+GEMMs (tensor cores on CUDA, the CPU's bf16 GEMM), which accumulate in fp32, and the norms and epilogues run
+in fp32; the cosines come back in the 16-bit dtype. Under autocast both operands are cast to the autocast
+dtype first, as ``F.linear`` does (a float32 weight with bfloat16 features: bfloat16 cosines); outside
+autocast operands of different dtypes are promoted to the common dtype.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (loads the extension; fake kernels and autograd: _ops.py)
+from ._ops import _cosine_acc_dtype as _acc_dtype
 
 __all__ = ["cosine_logits", "NormedLinear", "cosine_head_loss"]
 
@@ -66,13 +70,28 @@ def _prepare(features, weight, layout: str, eps: float, fn: str):
         want = f"({features.shape[1]}, C)" if layout == "in_out" else f"(C, {features.shape[1]})"
         raise ValueError(f"{fn}: features have D={features.shape[1]} but weight has shape {tuple(weight.shape)} "
                          f"(layout={layout!r} expects {want})")
-    # float16 / bfloat16 (autocast): compute in float32.
-    if features.dtype in (torch.float16, torch.bfloat16):
-        features = features.float()
-    if w.dtype in (torch.float16, torch.bfloat16):
-        w = w.float()
+    return _common_dtype(features, w, fn)
+
+
+# device types with an autocast mode (torch.is_autocast_enabled raises for others, e.g. "meta")
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "privateuseone")
+
+
+def _common_dtype(features: Tensor, w: Tensor, fn: str):
+    """Both operands in the dtype the op computes in: the autocast dtype when autocast is on for their
+    device (float64 operands are left alone, as autocast leaves them), else the promoted dtype of the two
+    when one of them is 16-bit. float32 with float64 stays an error: silently widening a float32 model's
+    head, or narrowing a float64 check, would hide a mistake."""
+    dev = features.device.type
+    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        features = features if features.dtype == torch.float64 else features.to(dt)
+        w = w if w.dtype == torch.float64 else w.to(dt)
+    elif features.dtype != w.dtype and {features.dtype, w.dtype} & {torch.float16, torch.bfloat16}:
+        dt = torch.promote_types(features.dtype, w.dtype)
+        features, w = features.to(dt), w.to(dt)
     if features.dtype != w.dtype:
-        raise TypeError(f"{fn}: features ({features.dtype}) and weight ({weight.dtype}) must have the same dtype")
+        raise TypeError(f"{fn}: features ({features.dtype}) and weight ({w.dtype}) must have the same dtype")
     return features, w
 
 
@@ -174,8 +193,8 @@ def _reduction_of(call) -> tuple[str, Optional[Tensor]]:
     valid = tgt != int(kw.get("ignore_index", -100))
     w = kw.get("weight")
     if w is None:
-        return "mean", valid.sum().to(input.dtype)
-    w = torch.as_tensor(w).to(device=input.device, dtype=input.dtype)
+        return "mean", valid.sum().to(_acc_dtype(input.dtype))  # a bf16 count is inexact above 256
+    w = torch.as_tensor(w).to(device=input.device, dtype=_acc_dtype(input.dtype))
     if w.dim() == 0:
         w = w.expand(input.shape[1])
     return "mean", (w[torch.where(valid, tgt, torch.zeros_like(tgt))] * valid).sum()
@@ -222,7 +241,8 @@ def _run_chunks(x, w, wn, target, noise, loss, chunk, eps, need_x, need_w, row_g
     n = x.shape[0]
     parts, denom, kind = [], None, None
     gx = gw = xd = wd = None
-    xn_all = torch.empty(n, dtype=x.dtype, device=x.device)
+    acc = _acc_dtype(x.dtype)  # norms, dot products, the weight-gradient sum of 16-bit operands: fp32
+    xn_all = torch.empty(n, dtype=acc, device=x.device)
     states = []
     cuda_devices = [x.device] if x.device.type == "cuda" else []
     for k, (r0, r1) in enumerate(_chunk_bounds(n, chunk)):
@@ -266,7 +286,7 @@ def _run_chunks(x, w, wn, target, noise, loss, chunk, eps, need_x, need_w, row_g
             if need_x:
                 if gx is None:
                     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
-                    xd = torch.empty(n, dtype=x.dtype, device=x.device)
+                    xd = torch.empty(n, dtype=acc, device=x.device)
                 torch.mm(g, w.t(), out=gx[r0:r1])
                 xd[r0:r1] = rdc
             if need_w:
@@ -274,6 +294,11 @@ def _run_chunks(x, w, wn, target, noise, loss, chunk, eps, need_x, need_w, row_g
                 if gw is None:  # the first chunk writes the buffer (no zero fill, no read-back)
                     gw = torch.mm(g.t(), xc).t() if w_rows else torch.mm(xc.t(), g)
                     wd = cdc
+                elif x.dtype != acc:  # 16-bit: the chunks' GEMMs are summed in an fp32 buffer
+                    if gw.dtype != acc:
+                        gw = gw.to(acc)
+                    gw.add_(torch.mm(g.t(), xc).t() if w_rows else torch.mm(xc.t(), g))
+                    wd += cdc
                 else:
                     if w_rows:
                         gw.t().addmm_(g.t(), xc)
@@ -282,6 +307,8 @@ def _run_chunks(x, w, wn, target, noise, loss, chunk, eps, need_x, need_w, row_g
                     wd += cdc
             del g
         del cos
+    if gw is not None and gw.dtype != x.dtype:
+        gw = gw.to(x.dtype)  # the tangent projection works on the operand's dtype (math in fp32)
     if kind == "none":
         total = torch.cat(parts)
     else:
@@ -333,7 +360,7 @@ class _HeadLossFn(torch.autograd.Function):
                                    "(its gradients are finished in place); recompute the loss instead")
             ctx.done = True
             x, w, wn, xn, gx, xd, gw, wd, denom = ctx.saved_tensors
-            scale = grad_out.to(x.dtype)
+            scale = grad_out.to(_acc_dtype(x.dtype))
             if ctx.kind == "mean":
                 scale = scale / denom
             elif ctx.kind == "batch":
@@ -370,10 +397,18 @@ def cosine_head_loss(features: Tensor, weight: Tensor, target: Tensor, loss: nn.
     Returns:
         The loss (0-d, or (N,) for reduction 'none'), differentiable w.r.t. features and weight.
 
+    Dtypes as :func:`cosine_logits`, except that float16 operands are computed in float32 (the chunks'
+    prescaled gradient ``G / |x_i| / |w_j|`` does not fit float16's range for every norm); bfloat16 runs in
+    bfloat16 with the weight gradient of the chunks summed in float32.
+
     Not traceable by ``torch.compile`` (the chunk loop runs the loss's autograd inside the forward).
     Backward may run once (use ``retain_graph`` with the unchunked path if you need more).
     """
     x, w = _prepare(features, weight, layout, eps, "cosine_head_loss")
+    if x.dtype == torch.float16:
+        # The chunks' backward GEMMs take G / |x_i| / |w_j|, which fp16's range does not hold for every norm
+        # (cosine_logits takes the normalised-operand path instead); fp16 operands are computed in fp32 here.
+        x, w = x.float(), w.float()
     if not isinstance(target, Tensor):
         raise TypeError(f"cosine_head_loss: target must be a tensor, got {type(target).__name__}")
     if target.dim() != 1 or target.shape[0] != x.shape[0]:

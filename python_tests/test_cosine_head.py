@@ -172,6 +172,165 @@ def test_out_in_layout_and_half_inputs():
     close(out, eager_cos(xb.float(), wf), torch.float32, "bf16 features")
 
 
+# ------------------------------------------------------------------------------------------------
+# 16-bit operands: GEMMs in the input dtype (fp32 accumulation), norms and epilogues in fp32
+# ------------------------------------------------------------------------------------------------
+# Error budget against float64 math on the same (16-bit) inputs, with u the unit roundoff (2^-8 bf16,
+# 2^-11 fp16) and |cos| <= 1:
+# - bf16 forward: the GEMM's fp32 sum rounded to bf16, then the fp32 epilogue rounded again: 2 u |cos| at
+#   most, so atol 2u.
+# - fp16 forward: the normalised operands are rounded (u relative per element), the GEMM output once more:
+#   about 2-3 u; atol 3u.
+# - gradients: the prescaled (bf16) or raw (fp16) logit gradient, the GEMM output and the projected result
+#   are each rounded once, and the projection subtracts a radial part as large as the gradient itself
+#   (at D = 1 it cancels it exactly: the true gradient is 0), whose rounding survives in full: 8 u relative
+#   to the gradient's largest entry (measured at most 1.7 u over these shapes, 8 u in the D = 1 case).
+HALF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _close_half(actual, expected, dtype, k, what, floor=1e-30):
+    """max |actual - expected| <= k u max(|expected|max, floor); floor as in close()."""
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    err = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    scale = max(scale, floor)
+    assert err <= k * HALF[dtype] * scale, f"{what}: max error {err:.3g} > {k} u x {scale:.3g}"
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(6, 5, 4), (33, 8, 70), (3, 40, 9), (1, 1, 1), (70, 3, 200), (64, 96, 130)])
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_half_parity(device, dtype, shape, layout):
+    """16-bit features and weight: cosines and gradients in the input dtype, within the budget above of
+    float64 math on the same inputs (N <= D also covers the backward that reuses the saved logits)."""
+    gen = torch.Generator().manual_seed(sum(shape) + len(layout))
+    N, D, C = shape
+    x = torch.randn(N, D, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    w_store = torch.randn(*((D, C) if layout == "in_out" else (C, D)), generator=gen).to(device=device, dtype=dtype)
+    w = w_store.requires_grad_(True)
+    out = cosine_logits(x, w, layout=layout)
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    exp = eager_cos(x64, w64 if layout == "in_out" else w64.t())
+    _close_half(out, exp, dtype, 2 if dtype == torch.bfloat16 else 3, "forward")
+    g = torch.randn(N, C, generator=gen).to(device=device, dtype=dtype)
+    got = grads(out, (x, w), g)
+    ref_g = grads(exp, (x64, w64), g.double())
+    for a, e, name in zip(got, ref_g, ("dx", "dW")):
+        assert a.shape == e.shape
+        _close_half(a, e, dtype, 8, name, floor=g.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_op_returns_fp32_norms_and_takes_both_backward_paths(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 6, generator=gen).to(dtype)
+    w = torch.randn(6, 11, generator=gen).to(dtype)
+    out, xn, wn = ops.cosine_logits(x, w)
+    assert out.dtype == dtype and xn.dtype == wn.dtype == torch.float32
+    close(xn, x.float().norm(dim=1), torch.float32, "feature norms")
+    close(wn, w.float().norm(dim=0), torch.float32, "weight norms")
+    g = torch.randn(9, 11, generator=gen).to(dtype)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    exp = grads(eager_cos(x64, w64), (x64, w64), g.double())
+    for path in (0, 1, 2):
+        got = ops.cosine_logits_backward(g, x, w, xn, wn, 1e-12, True, True, path)
+        for a, e, name in zip(got, exp, ("dx", "dW")):
+            _close_half(a, e, dtype, 8, f"path {path} {name}")
+    assert ops.cosine_norms(x, 1).dtype == torch.float32
+
+
+def test_fp16_raw_dot_products_beyond_its_range_do_not_overflow():
+    """|x| |w| = 1e6 > 65504: a GEMM on the raw fp16 operands would give inf; the fp16 path normalises
+    them first (and its backward takes the normalised-operand path)."""
+    gen = torch.Generator().manual_seed(8)
+    x = (F.normalize(torch.randn(5, 16, generator=gen), dim=1) * 1000).half().requires_grad_(True)
+    w = (F.normalize(torch.randn(16, 7, generator=gen), dim=0) * 1000).half().requires_grad_(True)
+    assert torch.isinf((x.detach() @ w.detach())).any()  # the raw GEMM does overflow
+    out = cosine_logits(x, w)
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    exp = eager_cos(x64, w64)
+    _close_half(out, exp, torch.float16, 3, "forward")
+    g = torch.randn(5, 7, generator=gen).half()
+    for a, e, name in zip(grads(out, (x, w), g), grads(exp, (x64, w64), g.double()), ("dx", "dW")):
+        assert torch.isfinite(a).all()
+        _close_half(a, e, torch.float16, 8, name)
+
+
+def test_half_dtype_rules_and_autocast():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 8, generator=gen)
+    w = torch.randn(8, 5, generator=gen)
+    # both bf16: bf16 cosines (no silent upcast)
+    assert cosine_logits(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16
+    # mixed outside autocast: promoted (bf16 + fp32 -> fp32; fp16 + bf16 -> fp32)
+    assert cosine_logits(x.bfloat16(), w).dtype == torch.float32
+    assert cosine_logits(x.half(), w.bfloat16()).dtype == torch.float32
+    # under autocast, as F.linear: both operands in the autocast dtype, gradients back in each leaf's dtype
+    wp = w.clone().requires_grad_(True)
+    xp = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cosine_logits(xp, wp)
+        lin = F.linear(xp, wp.t())
+    assert out.dtype == lin.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert wp.grad.dtype == torch.float32 and xp.grad.dtype == torch.float32
+    x64, w64 = x.bfloat16().double().requires_grad_(True), w.bfloat16().double().requires_grad_(True)
+    _close_half(out, eager_cos(x64, w64), torch.bfloat16, 2, "autocast forward")
+    # float64 stays float64 under autocast (autocast leaves it alone)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cosine_logits(x.double(), w.double()).dtype == torch.float64
+
+
+def test_half_opcheck_and_compile():
+    gen = torch.Generator().manual_seed(12)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(6, 5, generator=gen).to(dtype)
+        w = torch.randn(5, 7, generator=gen).to(dtype)
+        torch.library.opcheck(ops.cosine_logits.default,
+                              (x.clone().requires_grad_(True), w.clone().requires_grad_(True)),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        xn, wn = x.float().norm(dim=1), w.float().norm(dim=0)
+        g = torch.randn(6, 7, generator=gen).to(dtype)
+        torch.library.opcheck(ops.cosine_logits_backward.default, (g, x, w, xn, wn, 1e-12, True, True, 0),
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(ops.cosine_norms.default, (w, 0), test_utils=("test_schema", "test_faketensor"))
+        out = ops.cosine_logits(x, w)[0]
+        torch.library.opcheck(ops.cosine_grad_prep_.default, (g.clone(), out, xn, wn, 1e-12),
+                              test_utils=("test_schema", "test_faketensor"))
+    head = NormedLinear(8, 5)
+    x = torch.randn(4, 8, generator=gen)
+    compiled = torch.compile(head, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, exp = compiled(x), head(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, exp, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_head_loss_chunked_equals_head_then_loss(dtype):
+    """cosine_head_loss on 16-bit operands against float64 head + loss on the same operands. With s = 1 the
+    logits carry the forward's error (2u for bf16; fp16 is computed in fp32 by cosine_head_loss), a mean CE
+    moves by at most twice its largest logit error, and the gradients by a few u more (the weight gradient
+    of every chunk is summed in fp32, so chunking adds no 16-bit rounding per chunk)."""
+    gen = torch.Generator().manual_seed(21)
+    N, D, C = 40, 12, len(COUNTS)
+    x = (torch.randn(N, D, generator=gen) * 3).to(dtype)
+    w = torch.randn(D, C, generator=gen).to(dtype)
+    target = torch.randint(0, C, (N,), generator=gen)
+    loss = fused.LDAMLoss(COUNTS, s=1.0)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    exp = loss(eager_cos(x64, w64), target)
+    eg = torch.autograd.grad(exp, (x64, w64))
+    for chunk in (7, N):
+        xc, wc = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        got = cosine_head_loss(xc, wc, target, loss, chunk_size=chunk)
+        assert abs(got.item() - exp.item()) <= 4 * HALF[dtype], (chunk, got.item(), exp.item())
+        gg = torch.autograd.grad(got, (xc, wc))
+        for a, e, name in zip(gg, eg, ("dx", "dW")):
+            _close_half(a, e, dtype, 16, f"chunk={chunk} {name}")
+
+
 def test_gradcheck_float64():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -323,8 +482,11 @@ def test_bad_inputs_raise_clear_errors():
     # the op itself (C++ checks) raises the same Python exception types
     with pytest.raises(ValueError, match="disagree on D"):
         ops.cosine_logits(x, torch.randn(4, 5))
-    with pytest.raises(TypeError, match="float32 or float64"):
-        ops.cosine_logits(x.half(), w.half())
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        ops.cosine_logits(x.int(), w.int())
+    with pytest.raises(TypeError, match="feature_norm must have dtype Float"):  # 16-bit data: fp32 norms
+        ops.cosine_logits_backward(torch.randn(4, 5).bfloat16(), x.bfloat16(), w.bfloat16(),
+                                   x.norm(dim=1).bfloat16(), w.norm(dim=0), 1e-12, True, True)
     with pytest.raises(ValueError, match="grad must have shape"):
         ops.cosine_logits_backward(torch.randn(4, 4), x, w, x.norm(dim=1), w.norm(dim=0), 1e-12, True, True)
     with pytest.raises(ValueError, match="weight_norm"):

@@ -593,11 +593,27 @@ COS_SHAPES = [(1, 1), (3, 7), (9, 33), (40, 3), (5, 300), (70, 65)]
 # loops never wrap at test sizes: the clamped_grid cases run at most 2 x 2 blocks so that they do.
 
 
+COS_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+_COS_SFX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
 def _cos_fn(name, dtype):
-    return f"ltk_emu_cosine_{name}_{'f64' if dtype == torch.float64 else 'f32'}"
+    return f"ltk_emu_cosine_{name}_{_COS_SFX[dtype]}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def _cos_acc(dtype):
+    """The kernels' math type for data of `dtype` (cosine_acc_t): norms, dots and scales are passed in it."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _cos_store_tol(dtype):
+    """An fp32 result stored once in a 16-bit dtype: one rounding (half an ulp) against a reference rounded
+    the same way, so one ulp apart at most; float types keep _tol."""
+    return {torch.float16: dict(rtol=2.0 ** -10, atol=1e-6), torch.bfloat16: dict(rtol=2.0 ** -7, atol=1e-6)}.get(
+        dtype, _tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", COS_DTYPES, ids=str)
 @pytest.mark.parametrize("rows,cols", COS_SHAPES + [(0, 5), (5, 0)])
 @pytest.mark.parametrize("vec_rows", [True, False])
 @pytest.mark.parametrize("sqrt_out", [True, False])
@@ -608,30 +624,34 @@ def test_cosine_vec_dot(L, clamp, dtype, rows, cols, vec_rows, sqrt_out):
     a = torch.randn(rows, cols, generator=g, dtype=dtype)
     b = a if sqrt_out else torch.randn(rows, cols, generator=g, dtype=dtype)
     n = rows if vec_rows else cols
-    out = guarded(torch.full((n,), float("nan"), dtype=dtype))
+    acc = _cos_acc(dtype)  # 16-bit data: products and sums in fp32, fp32 results
+    out = guarded(torch.full((n,), float("nan"), dtype=acc))
     ga = guarded(a)
     gb = ga if b is a else guarded(b)
     L.call(_cos_fn("vec_dot", dtype), ctypes.c_longlong(rows), ctypes.c_longlong(cols), ptr(ga), ptr(gb),
            int(vec_rows), int(sqrt_out), ptr(out))
-    ref = (a * b).sum(1 if vec_rows else 0)
+    ref = (a.to(acc) * b.to(acc)).sum(1 if vec_rows else 0)
     if sqrt_out:
         ref = ref.sqrt()
-    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(out, ref, **_tol(acc))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", COS_DTYPES, ids=str)
 @pytest.mark.parametrize("rows,cols", COS_SHAPES)
 @pytest.mark.parametrize("vec_rows", [True, False])
 def test_cosine_norms(L, dtype, rows, cols, vec_rows):
     m = torch.randn(rows, cols, dtype=dtype)
-    out = guarded(torch.full((rows if vec_rows else cols,), float("nan"), dtype=dtype))
+    acc = _cos_acc(dtype)
+    out = guarded(torch.full((rows if vec_rows else cols,), float("nan"), dtype=acc))
     gm = guarded(m)  # keep a reference: the buffer is unmapped when the tensor dies
     L.call(_cos_fn("norms", dtype), ctypes.c_longlong(rows), ctypes.c_longlong(cols), ptr(gm), int(vec_rows),
            ptr(out))
-    torch.testing.assert_close(out, m.norm(dim=1 if vec_rows else 0), **_tol(dtype))
+    torch.testing.assert_close(out, m.to(acc).norm(dim=1 if vec_rows else 0), **_tol(acc))
+    if _has_op("cosine_norms"):  # the CPU op: same dtype, the same values up to the order of the sums
+        torch.testing.assert_close(out, ops.cosine_norms(m, 1 if vec_rows else 0), **_tol(acc))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", COS_DTYPES, ids=str)
 @pytest.mark.parametrize("rows,cols", COS_SHAPES + [(0, 4), (4, 0), (3, 600)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "inplace"])
 @pytest.mark.parametrize("norms", ["both", "rows", "cols", "none"])
@@ -642,8 +662,9 @@ def test_cosine_scale(L, clamp, dtype, rows, cols, layout, norms):
     eps = 0.3
     base = torch.randn(cols, rows, generator=g, dtype=dtype) if layout == "transposed" else \
         torch.randn(rows, cols, generator=g, dtype=dtype)
-    rn = torch.rand(rows, generator=g, dtype=dtype) * 2 if norms in ("both", "rows") else None
-    cn = torch.rand(cols, generator=g, dtype=dtype) * 2 if norms in ("both", "cols") else None
+    acc = _cos_acc(dtype)
+    rn = torch.rand(rows, generator=g, dtype=acc) * 2 if norms in ("both", "rows") else None
+    cn = torch.rand(cols, generator=g, dtype=acc) * 2 if norms in ("both", "cols") else None
     src_buf = guarded(base)
     src = src_buf.t() if layout == "transposed" else src_buf
     out = src_buf if layout == "inplace" else guarded(torch.full((rows, cols), float("nan"), dtype=dtype))
@@ -652,16 +673,18 @@ def test_cosine_scale(L, clamp, dtype, rows, cols, layout, norms):
            ctypes.c_void_p(src.data_ptr()), ctypes.c_longlong(src.stride(0)), ctypes.c_longlong(src.stride(1)),
            ptr(grn), ptr(gcn), ctypes.c_double(eps), ptr(out))
     src0 = base.t() if layout == "transposed" else base
-    ref = src0.clone()
+    ref = src0.to(acc)
     if rn is not None:
         ref = ref / rn.clamp_min(eps)[:, None]
     if cn is not None:
         ref = ref / cn.clamp_min(eps)[None, :]
-    torch.testing.assert_close(out.reshape(rows, cols), ref, **_tol(dtype))
+    torch.testing.assert_close(out.reshape(rows, cols), ref.to(dtype), **_cos_store_tol(dtype))
     if _has_op("cosine_scale_") and rows and cols and layout == "contiguous":  # the CPU op agrees too
         cpu = src0.clone()
         ops.cosine_scale_(cpu, rn, cn, eps)
-        torch.testing.assert_close(out, cpu, **_tol(dtype))
+        # 16-bit: the same fp32 operations in the same order, one rounding: the same bits
+        exact = dict(rtol=0, atol=0) if acc != dtype else _tol(dtype)
+        torch.testing.assert_close(out, cpu, **exact)
 
 
 def _tangent_ref(gm, x, vec_rows, norm, eps, prescaled, s):
@@ -673,7 +696,7 @@ def _tangent_ref(gm, x, vec_rows, norm, eps, prescaled, s):
     return alpha * (gm - c * x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", COS_DTYPES, ids=str)
 @pytest.mark.parametrize("rows,cols", COS_SHAPES + [(0, 3), (3, 0), (4, 700)])
 @pytest.mark.parametrize("vec_rows", [True, False])
 @pytest.mark.parametrize("prescaled,scaled", [(False, False), (True, False), (False, True), (True, True)])
@@ -682,23 +705,24 @@ def test_cosine_tangent(L, clamp, dtype, rows, cols, vec_rows, prescaled, scaled
     emu.set_options(clamp_grid=clamp)  # 2: the grid-stride loops wrap
     g = torch.Generator().manual_seed(rows * 13 + cols)
     eps = 0.5
+    acc = _cos_acc(dtype)
     x = torch.randn(rows, cols, generator=g, dtype=dtype)
     gm = torch.randn(rows, cols, generator=g, dtype=dtype)
-    norm = x.norm(dim=1 if vec_rows else 0)
+    norm = x.to(acc).norm(dim=1 if vec_rows else 0)
     if norm.numel():
         norm[0] = 0.1  # one vector below eps: no projection
-    s = torch.tensor([1.7], dtype=dtype) if scaled else None
+    s = torch.tensor([1.7], dtype=acc) if scaled else None
     gg = guarded(gm)
-    ws = None if vec_rows else guarded(torch.full((cols,), float("nan"), dtype=dtype))
+    ws = None if vec_rows else guarded(torch.full((cols,), float("nan"), dtype=acc))
     gx, gn, gs = guarded(x), guarded(norm), (guarded(s) if s is not None else None)
     L.call(_cos_fn("tangent", dtype), ctypes.c_longlong(rows), ctypes.c_longlong(cols), ptr(gg), ptr(gx),
            int(vec_rows), ptr(gn), ctypes.c_double(eps), int(prescaled), ptr(gs), ptr(ws))
-    ref = _tangent_ref(gm, x, vec_rows, norm, eps, prescaled, float(s) if scaled else 1.0)
-    torch.testing.assert_close(gg, ref, **_tol(dtype))
+    ref = _tangent_ref(gm.to(acc), x.to(acc), vec_rows, norm, eps, prescaled, float(s) if scaled else 1.0)
+    torch.testing.assert_close(gg, ref.to(dtype), **_cos_store_tol(dtype))
     if _has_op("cosine_tangent_") and rows and cols:
         cpu = gm.clone()
         ops.cosine_tangent_(cpu, x, norm, eps, 1 if vec_rows else 0, prescaled, s)
-        torch.testing.assert_close(gg, cpu, **_tol(dtype))
+        torch.testing.assert_close(gg, cpu, **_cos_store_tol(dtype))
 
 
 def test_cosine_grid_stride_loops_wrap(L):

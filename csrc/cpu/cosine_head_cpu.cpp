@@ -22,18 +22,18 @@ T* opt_mut_ptr(at::Tensor& t) {
 
 struct CpuCosineOps final : CosineDeviceOps {
   void norms(const at::Tensor& m, bool vec_rows, at::Tensor& out) const override {
-    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "cosine_norms_cpu", [&] {
+    LTK_COSINE_DISPATCH(m.scalar_type(), "cosine_norms_cpu", [&] {
       cpu::kernels().cosine<scalar_t>().norms(m.const_data_ptr<scalar_t>(), m.size(0), m.size(1), vec_rows,
-                             out.mutable_data_ptr<scalar_t>());
+                                              out.mutable_data_ptr<acc_t>());
     });
   }
   void scale(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
              at::Tensor& out) const override {
     if (src.numel() == 0) return;
-    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cosine_scale_cpu", [&] {
-      cpu::kernels().cosine<scalar_t>().scale(src.const_data_ptr<scalar_t>(), src.stride(0), src.stride(1), src.size(0),
-                             src.size(1), opt_ptr<scalar_t>(rn), opt_ptr<scalar_t>(cn), static_cast<scalar_t>(eps),
-                             out.mutable_data_ptr<scalar_t>());
+    LTK_COSINE_DISPATCH(src.scalar_type(), "cosine_scale_cpu", [&] {
+      cpu::kernels().cosine<scalar_t>().scale(src.const_data_ptr<scalar_t>(), src.stride(0), src.stride(1),
+                                              src.size(0), src.size(1), opt_ptr<acc_t>(rn), opt_ptr<acc_t>(cn),
+                                              static_cast<acc_t>(eps), out.mutable_data_ptr<scalar_t>());
     });
   }
   void scale_dots(const at::Tensor& src, const at::Tensor& c, const at::Tensor& rn, const at::Tensor& cn, double eps,
@@ -41,21 +41,21 @@ struct CpuCosineOps final : CosineDeviceOps {
     if (col_dots.defined()) col_dots.zero_();
     if (row_dots.defined()) row_dots.zero_();
     if (src.numel() == 0) return;
-    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cosine_scale_dots_cpu", [&] {
-      cpu::kernels().cosine<scalar_t>().scale_dots(src.const_data_ptr<scalar_t>(), src.stride(0), src.stride(1), src.size(0),
-                                  src.size(1), c.const_data_ptr<scalar_t>(), opt_ptr<scalar_t>(rn),
-                                  opt_ptr<scalar_t>(cn), static_cast<scalar_t>(eps), out.mutable_data_ptr<scalar_t>(),
-                                  opt_mut_ptr<scalar_t>(row_dots), opt_mut_ptr<scalar_t>(col_dots));
+    LTK_COSINE_DISPATCH(src.scalar_type(), "cosine_scale_dots_cpu", [&] {
+      cpu::kernels().cosine<scalar_t>().scale_dots(
+          src.const_data_ptr<scalar_t>(), src.stride(0), src.stride(1), src.size(0), src.size(1),
+          c.const_data_ptr<scalar_t>(), opt_ptr<acc_t>(rn), opt_ptr<acc_t>(cn), static_cast<acc_t>(eps),
+          out.mutable_data_ptr<scalar_t>(), opt_mut_ptr<acc_t>(row_dots), opt_mut_ptr<acc_t>(col_dots));
     });
   }
   void tangent(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
                bool prescaled, const at::Tensor& scale, const at::Tensor& dots) const override {
     if (g.numel() == 0) return;
-    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cosine_tangent_cpu", [&] {
-      const scalar_t s = scale.defined() ? scale.item<scalar_t>() : scalar_t(1);
-      cpu::kernels().cosine<scalar_t>().tangent(g.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g.size(0), g.size(1),
-                               vec_rows, norm.const_data_ptr<scalar_t>(), static_cast<scalar_t>(eps), prescaled, s,
-                               opt_ptr<scalar_t>(dots));
+    LTK_COSINE_DISPATCH(g.scalar_type(), "cosine_tangent_cpu", [&] {
+      const acc_t s = scale.defined() ? scale.item<acc_t>() : acc_t(1);
+      cpu::kernels().cosine<scalar_t>().tangent(g.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                                g.size(0), g.size(1), vec_rows, norm.const_data_ptr<acc_t>(),
+                                                static_cast<acc_t>(eps), prescaled, s, opt_ptr<acc_t>(dots));
     });
   }
 };

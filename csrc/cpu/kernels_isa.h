@@ -17,6 +17,10 @@
         &margin_ce_rows<c10::BFloat16, float>,                                                                \
         {&norms_kernel<float>, &scale_kernel<float>, &scale_dots_kernel<float>, &tangent_kernel<float>},      \
         {&norms_kernel<double>, &scale_kernel<double>, &scale_dots_kernel<double>, &tangent_kernel<double>},  \
+        {&norms_kernel<c10::Half>, &scale_kernel<c10::Half>, &scale_dots_kernel<c10::Half>,                  \
+         &tangent_kernel<c10::Half>},                                                                         \
+        {&norms_kernel<c10::BFloat16>, &scale_kernel<c10::BFloat16>, &scale_dots_kernel<c10::BFloat16>,      \
+         &tangent_kernel<c10::BFloat16>},                                                                     \
     };                                                                                                        \
     return t;                                                                                                 \
   }                                                                                                           \

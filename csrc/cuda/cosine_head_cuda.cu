@@ -20,19 +20,19 @@ const T* opt_ptr(const at::Tensor& t) {
 struct CudaCosineOps final : CosineDeviceOps {
   void norms(const at::Tensor& m, bool vec_rows, at::Tensor& out) const override {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "cosine_norms_cuda", [&] {
+    LTK_COSINE_DISPATCH(m.scalar_type(), "cosine_norms_cuda", [&] {
       cosine_cuda::launch_norms<scalar_t>(m.size(0), m.size(1), m.const_data_ptr<scalar_t>(), vec_rows,
-                                          out.mutable_data_ptr<scalar_t>(), stream);
+                                          out.mutable_data_ptr<acc_t>(), stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   void scale(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
              at::Tensor& out) const override {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cosine_scale_cuda", [&] {
+    LTK_COSINE_DISPATCH(src.scalar_type(), "cosine_scale_cuda", [&] {
       cosine_cuda::launch_scale<scalar_t>(src.size(0), src.size(1), src.const_data_ptr<scalar_t>(), src.stride(0),
-                                          src.stride(1), opt_ptr<scalar_t>(rn), opt_ptr<scalar_t>(cn),
-                                          static_cast<scalar_t>(eps), out.mutable_data_ptr<scalar_t>(), stream);
+                                          src.stride(1), opt_ptr<acc_t>(rn), opt_ptr<acc_t>(cn),
+                                          static_cast<acc_t>(eps), out.mutable_data_ptr<scalar_t>(), stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -41,17 +41,17 @@ struct CudaCosineOps final : CosineDeviceOps {
     // Sums first (they read src before an in-place scale overwrites it), then the scale.
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const at::Tensor a = src.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cosine_scale_dots_cuda", [&] {
+    LTK_COSINE_DISPATCH(src.scalar_type(), "cosine_scale_dots_cuda", [&] {
       if (row_dots.defined()) {
         cosine_cuda::launch_vec_dot<scalar_t>(a.size(0), a.size(1), a.const_data_ptr<scalar_t>(),
                                               c.const_data_ptr<scalar_t>(), true, false,
-                                              row_dots.mutable_data_ptr<scalar_t>(), stream);
+                                              row_dots.mutable_data_ptr<acc_t>(), stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (col_dots.defined()) {
         cosine_cuda::launch_vec_dot<scalar_t>(a.size(0), a.size(1), a.const_data_ptr<scalar_t>(),
                                               c.const_data_ptr<scalar_t>(), false, false,
-                                              col_dots.mutable_data_ptr<scalar_t>(), stream);
+                                              col_dots.mutable_data_ptr<acc_t>(), stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
@@ -61,22 +61,22 @@ struct CudaCosineOps final : CosineDeviceOps {
                bool prescaled, const at::Tensor& scale, const at::Tensor& dots) const override {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (dots.defined()) {
-      AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cosine_tangent_dots_cuda", [&] {
+      LTK_COSINE_DISPATCH(g.scalar_type(), "cosine_tangent_dots_cuda", [&] {
         cosine_cuda::launch_tangent_dots<scalar_t>(g.size(0), g.size(1), g.mutable_data_ptr<scalar_t>(),
                                                    x.const_data_ptr<scalar_t>(), vec_rows,
-                                                   norm.const_data_ptr<scalar_t>(), dots.const_data_ptr<scalar_t>(),
-                                                   static_cast<scalar_t>(eps), prescaled, opt_ptr<scalar_t>(scale),
+                                                   norm.const_data_ptr<acc_t>(), dots.const_data_ptr<acc_t>(),
+                                                   static_cast<acc_t>(eps), prescaled, opt_ptr<acc_t>(scale),
                                                    stream);
       });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    at::Tensor ws = vec_rows ? at::Tensor() : at::empty({g.size(1)}, g.options());
-    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cosine_tangent_cuda", [&] {
+    at::Tensor ws = vec_rows ? at::Tensor() : at::empty({g.size(1)}, norm.options());
+    LTK_COSINE_DISPATCH(g.scalar_type(), "cosine_tangent_cuda", [&] {
       cosine_cuda::launch_tangent<scalar_t>(g.size(0), g.size(1), g.mutable_data_ptr<scalar_t>(),
-                                            x.const_data_ptr<scalar_t>(), vec_rows, norm.const_data_ptr<scalar_t>(),
-                                            static_cast<scalar_t>(eps), prescaled, opt_ptr<scalar_t>(scale),
-                                            ws.defined() ? ws.mutable_data_ptr<scalar_t>() : nullptr, stream);
+                                            x.const_data_ptr<scalar_t>(), vec_rows, norm.const_data_ptr<acc_t>(),
+                                            static_cast<acc_t>(eps), prescaled, opt_ptr<acc_t>(scale),
+                                            ws.defined() ? ws.mutable_data_ptr<acc_t>() : nullptr, stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -5,25 +5,28 @@
 
 namespace cc = ltk::cosine_cuda;
 
-#define LTK_EMU_COSINE(T, sfx)                                                                                  \
-  LTK_EMU_EXPORT int ltk_emu_cosine_vec_dot_##sfx(long long rows, long long cols, const T* a, const T* b,      \
-                                                  int vec_rows, int sqrt_out, T* out) {                          \
-    LTK_EMU_TRY(cc::launch_vec_dot<T>(rows, cols, a, b, vec_rows != 0, sqrt_out != 0, out, nullptr))           \
-  }                                                                                                             \
-  LTK_EMU_EXPORT int ltk_emu_cosine_norms_##sfx(long long rows, long long cols, const T* m, int vec_rows,       \
-                                                T* out) {                                                       \
-    LTK_EMU_TRY(cc::launch_norms<T>(rows, cols, m, vec_rows != 0, out, nullptr))                               \
-  }                                                                                                             \
-  LTK_EMU_EXPORT int ltk_emu_cosine_scale_##sfx(long long rows, long long cols, const T* src, long long s0,     \
-                                                long long s1, const T* rn, const T* cn, double eps, T* out) {    \
-    LTK_EMU_TRY(cc::launch_scale<T>(rows, cols, src, s0, s1, rn, cn, static_cast<T>(eps), out, nullptr))       \
-  }                                                                                                             \
-  LTK_EMU_EXPORT int ltk_emu_cosine_tangent_##sfx(long long rows, long long cols, T* g, const T* x,             \
-                                                  int vec_rows, const T* norm, double eps, int prescaled,        \
-                                                  const T* scale, T* workspace) {                                \
-    LTK_EMU_TRY(cc::launch_tangent<T>(rows, cols, g, x, vec_rows != 0, norm, static_cast<T>(eps),              \
-                                      prescaled != 0, scale, workspace, nullptr))                               \
+// T: the storage type, A: the math type of norms, dot products and the scale (cosine_acc_t<T>).
+#define LTK_EMU_COSINE(T, A, sfx)                                                                                      \
+  LTK_EMU_EXPORT int ltk_emu_cosine_vec_dot_##sfx(long long rows, long long cols, const T* a, const T* b,              \
+                                                  int vec_rows, int sqrt_out, A* out) {                                \
+    LTK_EMU_TRY(cc::launch_vec_dot<T, A>(rows, cols, a, b, vec_rows != 0, sqrt_out != 0, out, nullptr))                \
+  }                                                                                                                    \
+  LTK_EMU_EXPORT int ltk_emu_cosine_norms_##sfx(long long rows, long long cols, const T* m, int vec_rows,              \
+                                                A* out) {                                                              \
+    LTK_EMU_TRY(cc::launch_norms<T, A>(rows, cols, m, vec_rows != 0, out, nullptr))                                    \
+  }                                                                                                                    \
+  LTK_EMU_EXPORT int ltk_emu_cosine_scale_##sfx(long long rows, long long cols, const T* src, long long s0,            \
+                                                long long s1, const A* rn, const A* cn, double eps, T* out) {          \
+    LTK_EMU_TRY(cc::launch_scale<T, A>(rows, cols, src, s0, s1, rn, cn, static_cast<A>(eps), out, nullptr))            \
+  }                                                                                                                    \
+  LTK_EMU_EXPORT int ltk_emu_cosine_tangent_##sfx(long long rows, long long cols, T* g, const T* x,                    \
+                                                  int vec_rows, const A* norm, double eps, int prescaled,              \
+                                                  const A* scale, A* workspace) {                                      \
+    LTK_EMU_TRY(cc::launch_tangent<T, A>(rows, cols, g, x, vec_rows != 0, norm, static_cast<A>(eps),                   \
+                                      prescaled != 0, scale, workspace, nullptr))                                      \
   }
 
-LTK_EMU_COSINE(float, f32)
-LTK_EMU_COSINE(double, f64)
+LTK_EMU_COSINE(float, float, f32)
+LTK_EMU_COSINE(double, double, f64)
+LTK_EMU_COSINE(c10::Half, float, f16)
+LTK_EMU_COSINE(c10::BFloat16, float, bf16)

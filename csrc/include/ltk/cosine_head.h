@@ -11,9 +11,29 @@
 // global multiplier of the whole gradient (1 when absent).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "ltk/hd.h"
 
 namespace ltk {
+
+// The type the math runs in for data of type T: float for the 16-bit types (their norms, dot products and
+// epilogues accumulate in fp32, the GEMMs on them accumulate in fp32 too), T itself otherwise.
+template <typename T>
+struct CosineAcc {
+  using type = T;
+};
+template <>
+struct CosineAcc<c10::Half> {
+  using type = float;
+};
+template <>
+struct CosineAcc<c10::BFloat16> {
+  using type = float;
+};
+template <typename T>
+using cosine_acc_t = typename CosineAcc<T>::type;
 
 // 1 / max(n, eps); NaN norms stay NaN (as clamp_min propagates NaN).
 template <typename T>
