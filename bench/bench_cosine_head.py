@@ -5,13 +5,16 @@ Shapes (N, D, C): the issue's (128, 64, 100), (256, 2048, 1000), (512, 2048, 814
 gets the D of the issue's shape with that C (64 otherwise), so ``std`` gives the first three and
 ``smoke`` tiny ones. ``LTK_BENCH_HEAD_SHAPES="NxDxC,..."`` overrides the list; the large
 (1024, 512, 100000) head + loss case is added to ``std`` runs unless ``LTK_BENCH_HEAD_LARGE=0``.
-float32 only (the op computes half inputs in float32); forward+backward, grads reset each step.
+Forward+backward, grads reset each step. ``test_head`` runs in every dtype of ``--bench-dtypes`` that the
+head takes (fp32 and bf16 by default: bf16 GEMMs with fp32 accumulation); ``test_head_loss`` in fp32.
 
 * ``test_head``  impl ``gemms`` (the head's three GEMMs alone: x W, G W^T, x^T G, via torch.mm),
   ``fused`` (cosine_logits), ``eager`` (F.normalize + mm), ``compiled`` (torch.compile of eager).
   For ``fused`` (and ``eager``) the ratio to ``gemms`` is also measured interleaved (alternating rounds,
   min of each, single-threaded CPU time: robust to load drift and CPU-quota throttling on a shared
-  machine) and recorded as ``extra_info["vs_3_gemms"]`` (target <= 1.15).
+  machine) and recorded as ``extra_info["vs_3_gemms"]`` (target <= 1.15). For bf16, ``fused`` also records
+  ``extra_info["vs_fp32"]``: the bf16 head against the fp32 head on the same values, interleaved the same
+  way (target at 512x2048x8142: < 1, i.e. faster).
 * ``test_head_loss``  case ``head+GCL`` (CIFAR stage 1: m=0, s=30, noise_mul=0.5; eager draws its noise
   like the official code, fused in-kernel) and ``head+LDAM`` (DRW class-balanced weights), impl
   ``chunked`` (cosine_head_loss), ``fused`` (fused head, then fused loss on the full logits), ``eager``,
@@ -76,6 +79,8 @@ def pytest_generate_tests(metafunc):
         shapes = loss_shapes(metafunc.config) if metafunc.function.__name__ == "test_head_loss" else \
             head_shapes(metafunc.config)
         metafunc.parametrize("head_shape", shapes, ids=[_sid(s) for s in shapes])
+    if "head_dtype" in names:
+        metafunc.parametrize("head_dtype", [d for d in HEAD_DTYPES if d in ns.dtypes] or ["fp32"])
     if "head_impl" in names:
         metafunc.parametrize("head_impl", ["gemms", "fused", "eager"] + (["compiled"] if ns.compile else []))
     if "loss_impl" in names:
@@ -90,10 +95,14 @@ def _quiet_dynamo():
     yield
 
 
+HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 @pytest.fixture(autouse=True)
-def _fp32_only(bench_options):
-    if "fp32" not in bench_options.dtypes:
-        pytest.skip("the cosine head suite runs in fp32 (half inputs are computed in fp32)")
+def _dtype_selected(request, bench_options):
+    want = request.node.callspec.params.get("head_dtype", "fp32") if hasattr(request.node, "callspec") else "fp32"
+    if want not in bench_options.dtypes:
+        pytest.skip(f"{want} is not in --bench-dtypes")
 
 
 def class_counts(C: int):
@@ -152,9 +161,20 @@ def _eager_head(x, w):
     return F.normalize(x, dim=1) @ F.normalize(w, dim=0)
 
 
-def test_head(benchmark, record_case, peak_memory, bench_options, head_shape, head_impl):
+def _fused_head_step(x, w, gout):
+    xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+    def step():
+        xl.grad = wl.grad = None
+        cosine_logits(xl, wl).backward(gout)
+    return step
+
+
+def test_head(benchmark, record_case, peak_memory, bench_options, head_shape, head_impl, head_dtype):
     N, D, C = head_shape
-    x, w, _, gout = make_inputs(N, D, C)
+    x32, w32, _, gout32 = make_inputs(N, D, C)
+    dt = HEAD_DTYPES[head_dtype]
+    x, w, gout = x32.to(dt), w32.to(dt), gout32.to(dt)
 
     def gemms():
         torch.mm(x, w)
@@ -194,7 +214,10 @@ def test_head(benchmark, record_case, peak_memory, bench_options, head_shape, he
                 xl.grad = wl.grad = None
                 torch.mm(xl, wl).backward(gout)
             extra["mm_autograd_vs_3_gemms"] = round(interleaved_ratio(mm_step, gemms, rounds), 4)
-    record_case(suite=SUITE, case="head", shape=head_shape, dtype="fp32", mode="fwd+bwd", impl=head_impl,
+            if dt != torch.float32:  # this dtype's head against the fp32 head on the same values
+                fp32_step = _fused_head_step(x32, w32, gout32)
+                extra["vs_fp32"] = round(interleaved_ratio(step, fp32_step, rounds), 4)
+    record_case(suite=SUITE, case="head", shape=head_shape, dtype=head_dtype, mode="fwd+bwd", impl=head_impl,
                 threads=torch.get_num_threads(), **extra)
     _run_benchmark(benchmark, step, N, D, C)
 
@@ -275,12 +298,13 @@ def render(paths, stat: str = "median") -> str:
         for b in data.get("benchmarks", []):
             ei = b.get("extra_info") or {}
             if ei.get("suite") == SUITE:
-                rows[(ei["case"], ei["shape"], ei["impl"])] = (b["stats"][stat], ei)
+                rows[(ei["case"], ei["shape"], ei.get("dtype", "fp32"), ei["impl"])] = (b["stats"][stat], ei)
     shapes = sorted({k[1] for k in rows}, key=lambda s: [int(v) for v in s.split("x")])
     cpu = (machine.get("cpu") or {}).get("brand_raw") or platform.processor()
     out = [f"# Cosine head benchmarks (suite `{SUITE}`)", "",
            f"Generated by `python -m bench.bench_cosine_head --json ...` from pytest-benchmark runs of "
-           f"bench/bench_cosine_head.py; times are the per-step {stat} in ms, float32, forward+backward. "
+           f"bench/bench_cosine_head.py; times are the per-step {stat} in ms, forward+backward, float32 unless a "
+           f"table says otherwise. "
            f"CPU: {cpu}. Peak MiB: peak extra memory of one step (torch.profiler allocation events).", "",
            "## Head alone", "",
            "`vs 3 GEMMs (interleaved)`: min over alternating rounds of the head / min of its three GEMMs "
@@ -294,7 +318,7 @@ def render(paths, stat: str = "median") -> str:
            "peak MiB compiled |",
            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for s in shapes:
-        g = {i: rows.get(("head", s, i)) for i in ("gemms", "fused", "eager", "compiled")}
+        g = {i: rows.get(("head", s, "fp32", i)) for i in ("gemms", "fused", "eager", "compiled")}
         if not any(g.values()):
             continue
         t = {i: (v[0] if v else None) for i, v in g.items()}
@@ -307,6 +331,26 @@ def render(paths, stat: str = "median") -> str:
                                       _x(t["eager"], t["fused"]), _x(t["compiled"], t["fused"]),
                                       _mib(ei["fused"].get("peak_mem_bytes")), _mib(ei["eager"].get("peak_mem_bytes")),
                                       _mib(ei["compiled"].get("peak_mem_bytes"))]) + " |")
+    bf16 = [s for s in shapes if rows.get(("head", s, "bf16", "fused"))]
+    if bf16:
+        out += ["", "## Head alone in bf16", "",
+                "bf16 features, weight and logit gradient: the three GEMMs in bf16 with fp32 accumulation (the "
+                "CPU's bf16 GEMM), norms and epilogues in fp32. `bf16 ÷ fp32 (interleaved)`: the bf16 head against "
+                "the fp32 head on the same values, single-threaded CPU time over alternating rounds (target at "
+                "512×2048×8142: < 1×).", "",
+                "| N×D×C | 3 GEMMs bf16 | fused bf16 | fused fp32 | eager bf16 | compiled bf16 | "
+                "bf16 ÷ fp32 (interleaved) | vs 3 bf16 GEMMs (interleaved) | eager / fused | peak MiB fused |",
+                "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for s in bf16:
+            g = {i: rows.get(("head", s, "bf16", i)) for i in ("gemms", "fused", "eager", "compiled")}
+            t = {i: (v[0] if v else None) for i, v in g.items()}
+            ei = g["fused"][1]
+            f32 = rows.get(("head", s, "fp32", "fused"))
+            r, il = ei.get("vs_fp32"), ei.get("vs_3_gemms")
+            out.append("| " + " | ".join([s, _ms(t["gemms"]), _ms(t["fused"]), _ms(f32[0] if f32 else None),
+                                          _ms(t["eager"]), _ms(t["compiled"]), f"{r:.3f}×" if r else "—",
+                                          f"{il:.3f}×" if il else "—", _x(t["eager"], t["fused"]),
+                                          _mib(ei.get("peak_mem_bytes"))]) + " |")
     out += ["", "## Head + loss", "",
             "`chunked`: cosine_head_loss (row chunks, only one chunk of logits at a time); `fused`: fused head "
             "then fused loss on the full logits; `eager`: F.normalize + mm + the reference loss; `compiled`: "
@@ -316,7 +360,7 @@ def render(paths, stat: str = "median") -> str:
             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for case in ("head+GCL", "head+LDAM"):
         for s in shapes:
-            g = {i: rows.get((case, s, i)) for i in ("chunked", "fused", "eager", "compiled")}
+            g = {i: rows.get((case, s, "fp32", i)) for i in ("chunked", "fused", "eager", "compiled")}
             if not any(g.values()):
                 continue
             t = {i: (v[0] if v else None) for i, v in g.items()}

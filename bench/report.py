@@ -41,6 +41,8 @@ TARGETS = {(case, shape): tuple(v) for case, shapes in _TARGETS["speedups"].item
 MIN_SPEEDUP_AT = _TARGETS["min_speedup_at"]  # every case of the loss suite at this shape: no slower than eager
 HEAD_GEMMS_MAX = _TARGETS["head"]["gemms_max"]
 HEAD_MEMORY_SHAPE, HEAD_MEMORY_FRACTION = _TARGETS["head"]["memory_shape"], _TARGETS["head"]["memory_fraction"]
+HEAD_LOW_PRECISION_SHAPE = _TARGETS["head"]["low_precision_shape"]
+HEAD_LOW_PRECISION_MAX = _TARGETS["head"]["low_precision_vs_fp32_max"]
 
 IMPL_ORDER = ["fused", "eager", "compiled"]
 USE_INTERLEAVED = True  # speedups from the interleaved measurement when a suite records one
@@ -211,6 +213,7 @@ def pivot(benches: list[dict], stat: str):
                                           "inter": ei.get("vs_fused_interleaved") if USE_INTERLEAVED else None,
                                           "load": ei.get("other_load"), "vs_3_gemms": ei.get("vs_3_gemms"),
                                           "mm_autograd_vs_3_gemms": ei.get("mm_autograd_vs_3_gemms"),
+                                          "vs_fp32": ei.get("vs_fp32"),
                                           # suites that time the pair from the fused step record "other / fused"
                                           # there, as vs_<other>_interleaved (bench_regularisers.py)
                                           "inter_vs": {k[3:-len("_interleaved")]: v for k, v in ei.items()
@@ -325,6 +328,12 @@ def head_target_rows(rows: dict) -> list[list[str]]:
     out = []
     for (case, shape, dtype, mode), d in sorted(rows.items(), key=lambda kv: _shape_key(kv[0][1])):
         fused, gemms = d.get("fused", {}), d.get("gemms", {})
+        if case == "head" and dtype != "fp32":
+            r = fused.get("vs_fp32")
+            if shape == HEAD_LOW_PRECISION_SHAPE and r is not None:
+                out.append([f"head fwd+bwd {dtype} ÷ fp32", shape, f"{r:.3f}× ({fmt_ms(fused.get('t'))} ms in {dtype})",
+                            f"<{HEAD_LOW_PRECISION_MAX:g}× {'✓' if r < HEAD_LOW_PRECISION_MAX else '✗'}"])
+            continue
         if case == "head" and fused.get("vs_3_gemms") is not None:
             r = fused["vs_3_gemms"]
             floor = fused.get("mm_autograd_vs_3_gemms")
@@ -504,7 +513,7 @@ def plot(suites, path: Path, case_order) -> bool:
 def head_table(head_rows) -> list[str]:
     if not head_rows:
         return []
-    return (["", "Cosine head (fp32):", "", "| measure | N×D×C | measured | target |", "|---|---|---|---|"]
+    return (["", "Cosine head:", "", "| measure | N×D×C | measured | target |", "|---|---|---|---|"]
             + ["| " + " | ".join(r) + " |" for r in head_rows])
 
 
