@@ -34,6 +34,15 @@ struct Operand {
   at::Tensor to_logical(const at::Tensor& p) const { return transposed ? p.t() : p; }
 };
 
+// The operand with every vector divided by max(its norm, eps), in the caller's logical layout (a fresh
+// contiguous physical matrix: the normalised-operand paths of the fp16 forward and of backward path 2).
+at::Tensor normalised(const CosineDeviceOps& dev, const Operand& m, const at::Tensor& norm, double eps) {
+  const at::Tensor none;
+  at::Tensor out = at::empty_like(m.phys, at::MemoryFormat::Contiguous);
+  dev.scale(m.phys, m.vec_rows ? norm : none, m.vec_rows ? none : norm, eps, out);
+  return m.to_logical(out);
+}
+
 Operand canonical(const at::Tensor& t, bool vectors_are_rows) {
   if (t.is_contiguous()) return {t, vectors_are_rows, false};
   if (t.t().is_contiguous()) return {t.t(), !vectors_are_rows, true};
@@ -92,12 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_impl(const CosineDe
   dev.norms(x.phys, x.vec_rows, xn);
   dev.norms(w.phys, w.vec_rows, wn);
   if (features.scalar_type() == at::kHalf) {  // normalised operands: no raw dot product can overflow
-    const at::Tensor none;
-    at::Tensor u = at::empty_like(x.phys, at::MemoryFormat::Contiguous);
-    at::Tensor v = at::empty_like(w.phys, at::MemoryFormat::Contiguous);
-    dev.scale(x.phys, x.vec_rows ? xn : none, x.vec_rows ? none : xn, eps, u);
-    dev.scale(w.phys, w.vec_rows ? wn : none, w.vec_rows ? none : wn, eps, v);
-    at::Tensor out = at::mm(x.to_logical(u), w.to_logical(v));
+    at::Tensor out = at::mm(normalised(dev, x, xn, eps), normalised(dev, w, wn, eps));
     return {out.is_contiguous() ? out : out.contiguous(), xn, wn};
   }
   // One GEMM on the raw operands, then the fused epilogue c_ij *= inv_x_i inv_w_j in place.
@@ -177,17 +181,13 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
     }
   } else {
     if (need_features) {
-      at::Tensor v = at::empty_like(w.phys, at::MemoryFormat::Contiguous);
-      dev.scale(w.phys, w.vec_rows ? wn : none, w.vec_rows ? none : wn, eps, v);
-      const at::Tensor vl = w.to_logical(v);
+      const at::Tensor vl = normalised(dev, w, wn, eps);
       at::Tensor p = x.transposed ? at::mm(vl, grad.t()) : at::mm(grad, vl.t());
       dev.tangent(p, x.phys, x.vec_rows, xn, eps, /*prescaled=*/false, none, none);
       gx = x.to_logical(p);
     }
     if (need_weight) {
-      at::Tensor u = at::empty_like(x.phys, at::MemoryFormat::Contiguous);
-      dev.scale(x.phys, x.vec_rows ? xn : none, x.vec_rows ? none : xn, eps, u);
-      const at::Tensor ul = x.to_logical(u);
+      const at::Tensor ul = normalised(dev, x, xn, eps);
       at::Tensor p = w.transposed ? at::mm(grad.t(), ul) : at::mm(ul.t(), grad);
       dev.tangent(p, w.phys, w.vec_rows, wn, eps, /*prescaled=*/false, none, none);
       gw = w.to_logical(p);

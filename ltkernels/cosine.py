@@ -73,17 +73,14 @@ def _prepare(features, weight, layout: str, eps: float, fn: str):
     return _common_dtype(features, w, fn)
 
 
-# device types with an autocast mode (torch.is_autocast_enabled raises for others, e.g. "meta")
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "privateuseone")
-
-
 def _common_dtype(features: Tensor, w: Tensor, fn: str):
     """Both operands in the dtype the op computes in: the autocast dtype when autocast is on for their
     device (float64 operands are left alone, as autocast leaves them), else the promoted dtype of the two
     when one of them is 16-bit. float32 with float64 stays an error: silently widening a float32 model's
     head, or narrowing a float64 check, would hide a mistake."""
     dev = features.device.type
-    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+    # (is_autocast_enabled raises for device types without an autocast mode, e.g. "meta")
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         features = features if features.dtype == torch.float64 else features.to(dt)
         w = w if w.dtype == torch.float64 else w.to(dt)
@@ -292,11 +289,9 @@ def _run_chunks(x, w, wn, target, noise, loss, chunk, eps, need_x, need_w, row_g
             if need_w:
                 w_rows = not w.is_contiguous()  # (C, D) storage: accumulate G^T x into it
                 if gw is None:  # the first chunk writes the buffer (no zero fill, no read-back)
-                    gw = torch.mm(g.t(), xc).t() if w_rows else torch.mm(xc.t(), g)
+                    gw = (torch.mm(g.t(), xc).t() if w_rows else torch.mm(xc.t(), g)).to(acc)
                     wd = cdc
-                elif x.dtype != acc:  # 16-bit: the chunks' GEMMs are summed in an fp32 buffer
-                    if gw.dtype != acc:
-                        gw = gw.to(acc)
+                elif gw.dtype != x.dtype:  # 16-bit operands: the chunks' GEMMs are summed in fp32
                     gw.add_(torch.mm(g.t(), xc).t() if w_rows else torch.mm(xc.t(), g))
                     wd += cdc
                 else:
