@@ -98,8 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_impl(const CosineDe
   const Operand w = canonical(weight, /*vectors_are_rows=*/false);
   at::Tensor xn = at::empty({features.size(0)}, acc_options(features));
   at::Tensor wn = at::empty({weight.size(1)}, acc_options(weight));
-  dev.norms(x.phys, x.vec_rows, xn);
-  dev.norms(w.phys, w.vec_rows, wn);
+  dev.norms_pair(x.phys, x.vec_rows, xn, w.phys, w.vec_rows, wn);
   if (features.scalar_type() == at::kHalf) {  // normalised operands: no raw dot product can overflow
     at::Tensor out = at::mm(normalised(dev, x, xn, eps), normalised(dev, w, wn, eps));
     return {out.is_contiguous() ? out : out.contiguous(), xn, wn};
@@ -144,16 +143,14 @@ std::tuple<at::Tensor, at::Tensor> cosine_logits_backward_impl(const CosineDevic
   const bool half = features.scalar_type() == at::kHalf;  // path 0 is path 2 (see the top of this file)
   const bool use_g2 = path == 1 || (path == 0 && !half && (has_logits || cost_g2 <= cost_uv));
   const at::Tensor none;
-  at::Tensor x_dots, w_dots;
   if (has_logits && use_g2) {
     TORCH_CHECK_VALUE(logits->sizes() == grad.sizes(), op, ": logits must have grad's shape ", grad.sizes(),
                       ", got ", logits->sizes());
     TORCH_CHECK_VALUE(logits->device() == grad.device() && logits->scalar_type() == grad.scalar_type(), op,
                       ": logits must be on grad's device with grad's dtype");
     at::Tensor g2 = at::empty({N, C}, features.options());
-    if (need_features) x_dots = at::empty({N}, acc_options(features));
-    if (need_weight) w_dots = at::empty({C}, acc_options(features));
-    dev.scale_dots(grad, logits->contiguous(), xn, wn, eps, g2, x_dots, w_dots);
+    const auto [x_dots, w_dots] =
+        dev.scale_dots(grad, logits->contiguous(), xn, wn, eps, g2, need_features, need_weight);
     if (need_features) {
       at::Tensor p = x.transposed ? at::mm(w.logical(), g2.t()) : at::mm(g2, w.logical().t());
       dev.tangent(p, x.phys, x.vec_rows, xn, eps, /*prescaled=*/true, none, x_dots);
@@ -247,17 +244,19 @@ std::tuple<at::Tensor, at::Tensor> cosine_grad_prep_impl(const CosineDeviceOps& 
   at::assert_no_overlap(grad, logits);
   const at::Tensor rn = checked_vector(row_norm, grad.size(0), grad, op, "row_norm");
   const at::Tensor cn = checked_vector(col_norm, grad.size(1), grad, op, "col_norm");
-  at::Tensor rd = at::empty({grad.size(0)}, acc_options(grad)), cd = at::empty({grad.size(1)}, acc_options(grad));
   const at::Tensor c = logits.contiguous();
+  std::pair<at::Tensor, at::Tensor> parts;
   if (grad.is_contiguous()) {
     at::Tensor g = grad;
-    dev.scale_dots(g, c, rn, cn, eps, g, rd, cd);
+    parts = dev.scale_dots(g, c, rn, cn, eps, g, true, true);
   } else {
     at::Tensor tmp = at::empty(grad.sizes(), grad.options());
-    dev.scale_dots(grad, c, rn, cn, eps, tmp, rd, cd);
+    parts = dev.scale_dots(grad, c, rn, cn, eps, tmp, true, true);
     const_cast<at::Tensor&>(grad).copy_(tmp);
   }
-  return {rd, cd};
+  // the op returns whole dot products: add the back end's parts (one part: a view, no op)
+  const auto whole = [](const at::Tensor& p) { return p.size(0) == 1 ? p.reshape({p.size(1)}) : p.sum(0); };
+  return {whole(parts.first), whole(parts.second)};
 }
 
 void cosine_tangent_impl(const CosineDeviceOps& dev, const at::Tensor& grad, const at::Tensor& vectors,

@@ -5,9 +5,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "ltk/cosine_head.h"
 
@@ -25,26 +27,72 @@ namespace ltk {
 // Primitives on canonical operands: `m` is a contiguous 2-D matrix whose vectors are either its rows
 // (vec_rows) or its columns. Matrices share one floating dtype T; norm, dot-product and scale tensors have
 // dtype cosine_acc_t<T> (float32 for float16 / bfloat16); all are on one device.
+//
+// Each call is recorded for the profiler under the name of the CUDA launch function it maps to
+// ("ltk_device::cosine_<primitive>"), so a host-side count of these names is a count
+// of a CUDA step's kernels: python_tests/test_launch_count.py counts them on the CPU (the orchestration in
+// cosine_head_common.cpp is the same code for both devices) and the emulator tests count the launches each
+// CUDA primitive makes. The back ends implement the protected *_impl functions.
 struct CosineDeviceOps {
   virtual ~CosineDeviceOps() = default;
+
   // out[k] = |m_k| (raw L2 norm, not clamped); out contiguous of length n_vec.
-  virtual void norms(const at::Tensor& m, bool vec_rows, at::Tensor& out) const = 0;
+  void norms(const at::Tensor& m, bool vec_rows, at::Tensor& out) const {
+    RECORD_FUNCTION("ltk_device::cosine_norms", c10::ArrayRef<const c10::IValue>{});
+    norms_impl(m, vec_rows, out);
+  }
+  // norms() of two matrices (the features' and the weight's): one kernel on CUDA.
+  void norms_pair(const at::Tensor& a, bool a_rows, at::Tensor& a_out, const at::Tensor& b, bool b_rows,
+                  at::Tensor& b_out) const {
+    RECORD_FUNCTION("ltk_device::cosine_norms_pair", c10::ArrayRef<const c10::IValue>{});
+    norms_pair_impl(a, a_rows, a_out, b, b_rows, b_out);
+  }
   // out[i, j] = src[i, j] / max(rn[i], eps) / max(cn[j], eps). src: any strides; out contiguous, may be src
   // itself; rn / cn undefined means "no scaling along that dimension".
-  virtual void scale(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
-                     at::Tensor& out) const = 0;
-  // Like scale(), and also the row and column sums of src * c (c contiguous, src's shape; row_dots / col_dots
-  // undefined when not wanted). With c the forward's cosines and src the logit gradient G these are the
-  // dot products the tangent projections need: x_i · (G2 W^T)_i = sum_j G_ij c_ij and
-  // w_j · (x^T G2)_j = sum_i G_ij c_ij for G2 = G / |x_i| / |w_j|, so no pass over the (D, C) weight.
-  virtual void scale_dots(const at::Tensor& src, const at::Tensor& c, const at::Tensor& rn, const at::Tensor& cn,
-                          double eps, at::Tensor& out, at::Tensor& row_dots, at::Tensor& col_dots) const = 0;
+  void scale(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps, at::Tensor& out) const {
+    RECORD_FUNCTION("ltk_device::cosine_scale", c10::ArrayRef<const c10::IValue>{});
+    scale_impl(src, rn, cn, eps, out);
+  }
+  // Like scale(), and the row and column sums of src * c (c contiguous, src's shape),
+  // returned as (row_parts, col_parts): fixed-order partial sums of shape (P, rows) and (Q, cols) whose sums
+  // over dim 0 are the sums (P, Q are the back end's: 1 on the CPU, one per kernel tile on CUDA); undefined
+  // when not wanted. With c the forward's cosines and src the logit gradient G these are the dot products
+  // the tangent projections need: x_i · (G2 W^T)_i = sum_j G_ij c_ij and w_j · (x^T G2)_j = sum_i G_ij c_ij
+  // for G2 = G / |x_i| / |w_j|, so no pass over the (D, C) weight; tangent() takes the parts as they are.
+  std::pair<at::Tensor, at::Tensor> scale_dots(const at::Tensor& src, const at::Tensor& c, const at::Tensor& rn,
+                                               const at::Tensor& cn, double eps, at::Tensor& out, bool want_rows,
+                                               bool want_cols) const {
+    RECORD_FUNCTION("ltk_device::cosine_scale_dots", c10::ArrayRef<const c10::IValue>{});
+    return scale_dots_impl(src, c, rn, cn, eps, out, want_rows, want_cols);
+  }
   // In place on g (contiguous, x's shape, x contiguous), per vector k (ltk/cosine_head.h):
   //   g_k <- alpha_k (g_k - c_k x_k),  c_k = [n_k >= eps] (x_k · g_k) / n_k^2,
   //   alpha_k = s (prescaled) or s / max(n_k, eps);  s = *scale (a one-element tensor) or 1 if undefined.
-  // dots: the x_k · g_k if already known (one value per vector), else undefined (computed here).
-  virtual void tangent(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
-                       bool prescaled, const at::Tensor& scale, const at::Tensor& dots) const = 0;
+  // dots: the x_k · g_k if already known, as a (n_vec,) tensor or the (P, n_vec) parts of scale_dots(); else
+  // undefined (computed here).
+  void tangent(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps, bool prescaled,
+               const at::Tensor& scale, const at::Tensor& dots) const {
+    const char* name = vec_rows         ? "ltk_device::cosine_tangent_rows"
+                       : dots.defined() ? "ltk_device::cosine_tangent_cols_dots"
+                                        : "ltk_device::cosine_tangent_cols";
+    RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{});
+    tangent_impl(g, x, vec_rows, norm, eps, prescaled, scale, dots);
+  }
+
+ protected:
+  virtual void norms_impl(const at::Tensor& m, bool vec_rows, at::Tensor& out) const = 0;
+  virtual void norms_pair_impl(const at::Tensor& a, bool a_rows, at::Tensor& a_out, const at::Tensor& b, bool b_rows,
+                               at::Tensor& b_out) const {
+    norms_impl(a, a_rows, a_out);
+    norms_impl(b, b_rows, b_out);
+  }
+  virtual void scale_impl(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
+                          at::Tensor& out) const = 0;
+  virtual std::pair<at::Tensor, at::Tensor> scale_dots_impl(const at::Tensor& src, const at::Tensor& c,
+                                                            const at::Tensor& rn, const at::Tensor& cn, double eps,
+                                                            at::Tensor& out, bool want_rows, bool want_cols) const = 0;
+  virtual void tangent_impl(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
+                            bool prescaled, const at::Tensor& scale, const at::Tensor& dots) const = 0;
 };
 
 const CosineDeviceOps& cosine_cpu_ops();

@@ -54,6 +54,8 @@ KERNEL_COVERAGE = {
     "scale_kernel": "test_cosine_scale",
     "row_tangent_kernel": "test_cosine_tangent",
     "col_tangent_kernel": "test_cosine_tangent",
+    "norms_pair_kernel": "test_cosine_norms_pair",
+    "scale_dots_kernel": "test_cosine_scale_dots",
     "pair_transform_kernel": "test_uniformity_pair_transform",  # uniformity (ltkernels.regularisers)
     "exp_shift_kernel": "test_uniformity_exp_shift",
 }
@@ -725,6 +727,130 @@ def test_cosine_tangent(L, clamp, dtype, rows, cols, vec_rows, prescaled, scaled
         torch.testing.assert_close(gg, cpu, **_cos_store_tol(dtype))
 
 
+# (rows, cols) pairs of the two operands of norms_pair: one per vector layout pair, empty sets, a weight of
+# more column tiles than the features have row blocks and the reverse
+COS_PAIRS = [((1, 1), (1, 1)), ((9, 33), (33, 5)), ((70, 65), (65, 3)), ((3, 7), (7, 300)), ((0, 4), (4, 9)),
+             ((5, 3), (3, 0)), ((0, 0), (0, 0))]
+
+
+@pytest.mark.parametrize("dtype", COS_DTYPES, ids=str)
+@pytest.mark.parametrize("shapes", COS_PAIRS, ids=str)
+@pytest.mark.parametrize("a_rows,b_rows", [(True, False), (False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("clamp", [0, 1, 2], ids=["grid", "one_block", "clamped_grid"])
+def test_cosine_norms_pair(L, clamp, dtype, shapes, a_rows, b_rows):
+    """Both operands' norms in one launch equal each operand's own norms, for any grid (a one-block grid
+    does both sets in turn)."""
+    emu.set_options(clamp_grid=clamp)
+    g = torch.Generator().manual_seed(sum(shapes[0]) * 31 + sum(shapes[1]))
+    acc = _cos_acc(dtype)
+    a, b = (torch.randn(*sh, generator=g, dtype=dtype) for sh in shapes)
+    na, nb = (m.shape[0] if r else m.shape[1] for m, r in ((a, a_rows), (b, b_rows)))
+    oa, ob = (guarded(torch.full((n,), float("nan"), dtype=acc)) for n in (na, nb))
+    ga, gb = guarded(a), guarded(b)
+    emu.clear_launches()
+    L.call(_cos_fn("norms_pair", dtype), ctypes.c_longlong(a.shape[0]), ctypes.c_longlong(a.shape[1]), ptr(ga),
+           int(a_rows), ptr(oa), ctypes.c_longlong(b.shape[0]), ctypes.c_longlong(b.shape[1]), ptr(gb), int(b_rows),
+           ptr(ob))
+    assert len(emu.launches()) == (1 if na + nb else 0)
+    torch.testing.assert_close(oa, a.to(acc).norm(dim=1 if a_rows else 0), **_tol(acc))
+    torch.testing.assert_close(ob, b.to(acc).norm(dim=1 if b_rows else 0), **_tol(acc))
+
+
+def _scale_dots_parts(L, rows, cols):
+    """The partial-sum counts launch_scale_dots writes: (row parts, column parts)."""
+    fr, fc = L.ltk_emu_cosine_scale_dots_row_parts, L.ltk_emu_cosine_scale_dots_col_parts
+    fr.restype = fc.restype = ctypes.c_longlong
+    return fr(ctypes.c_longlong(cols)), fc(ctypes.c_longlong(rows))
+
+
+@pytest.mark.parametrize("dtype", COS_DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", COS_SHAPES + [(33, 257), (64, 256), (100, 600)])
+@pytest.mark.parametrize("want", ["both", "rows", "cols", "none"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("clamp", [0, 2], ids=["grid", "clamped_grid"])
+def test_cosine_scale_dots(L, clamp, dtype, rows, cols, want, inplace):
+    """The backward prologue: G / |x_i| / |w_j| and the partial row / column sums of G * c, one launch; each
+    (row tile, column tile) writes its own part, so the parts add up to the sums for any grid."""
+    emu.set_options(clamp_grid=clamp)
+    g = torch.Generator().manual_seed(rows * 11 + cols)
+    eps = 0.3
+    acc = _cos_acc(dtype)
+    src = torch.randn(rows, cols, generator=g, dtype=dtype)
+    c = torch.rand(rows, cols, generator=g, dtype=dtype) * 2 - 1
+    rn = torch.rand(rows, generator=g, dtype=acc) * 2
+    cn = torch.rand(cols, generator=g, dtype=acc) * 2
+    prow, pcol = _scale_dots_parts(L, rows, cols)
+    assert (prow, pcol) == (-(-cols // 256), -(-rows // 32))
+    rp = guarded(torch.full((prow, rows), float("nan"), dtype=acc)) if want in ("both", "rows") else None
+    cp = guarded(torch.full((pcol, cols), float("nan"), dtype=acc)) if want in ("both", "cols") else None
+    gs, gc, grn, gcn = guarded(src), guarded(c), guarded(rn), guarded(cn)
+    out = gs if inplace else guarded(torch.full((rows, cols), float("nan"), dtype=dtype))
+    emu.clear_launches()
+    L.call(_cos_fn("scale_dots", dtype), ctypes.c_longlong(rows), ctypes.c_longlong(cols), ptr(gs), ptr(gc), ptr(grn),
+           ptr(gcn), ctypes.c_double(eps), ptr(out), ptr(rp), ptr(cp))
+    assert len(emu.launches()) == 1
+    ref = src.to(acc) / rn.clamp_min(eps)[:, None] / cn.clamp_min(eps)[None, :]
+    torch.testing.assert_close(out, ref.to(dtype), **_cos_store_tol(dtype))
+    cpu_dots = None
+    if _has_op("cosine_grad_prep_"):  # the CPU op's scaled gradient: the same fp32 operations, one rounding
+        cpu = src.clone()
+        cpu_dots = ops.cosine_grad_prep_(cpu, c, rn, cn, eps)
+        exact = dict(rtol=0, atol=0) if acc != dtype else _tol(dtype)
+        torch.testing.assert_close(out, cpu, **exact)
+    for parts, dim, k in ((rp, 1, 0), (cp, 0, 1)):
+        if parts is not None:
+            _assert_sums_close(parts.sum(0), src, c, dim)
+            if cpu_dots is not None:
+                _assert_sums_close(cpu_dots[k], src, c, dim)
+
+
+def _assert_sums_close(got, a, b, dim):
+    """Sums of a * b along `dim` in the accumulation type against float64: sums of many terms of either
+    sign, so the budget is relative to sum |a b| (the rounding-error bound of a sum, with a chain of up to
+    32 additions per element: 8 per lane, 5 shuffle levels, the parts; a serial CPU sum differs in order only)."""
+    v = a.double() * b.double()
+    bound = 32 * torch.finfo(got.dtype).eps * v.abs().sum(dim) + 1e-30
+    err = (got.double() - v.sum(dim)).abs()
+    assert bool((err <= bound).all()), f"sum error {err.max().item():.3g} above its bound {bound.min().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", COS_DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", COS_SHAPES + [(0, 3), (3, 0), (40, 700)])
+@pytest.mark.parametrize("vec_rows", [True, False])
+@pytest.mark.parametrize("n_parts", [0, 1, 3])
+@pytest.mark.parametrize("clamp", [0, 2], ids=["grid", "clamped_grid"])
+def test_cosine_tangent_dots(L, clamp, dtype, rows, cols, vec_rows, n_parts):
+    """The tangent projection with known dot products given as n_parts partial sums (0 parts: dots of 0),
+    one launch; row vectors recompute the dots in their warp pass, so only column vectors read the parts."""
+    emu.set_options(clamp_grid=clamp)
+    g = torch.Generator().manual_seed(rows * 17 + cols + n_parts)
+    eps, s = 0.5, 1.3
+    acc = _cos_acc(dtype)
+    x = torch.randn(rows, cols, generator=g, dtype=dtype)
+    gm = torch.randn(rows, cols, generator=g, dtype=dtype)
+    d = 1 if vec_rows else 0
+    norm = x.to(acc).norm(dim=d)
+    if norm.numel():
+        norm[-1] = 0.1  # one vector below eps: no projection
+    dots = (x.to(acc) * gm.to(acc)).sum(d)
+    if vec_rows or n_parts:
+        parts = torch.rand(max(n_parts, 1), dots.numel(), generator=g, dtype=acc)
+        parts[-1] += dots - parts.sum(0)  # the parts add up to the dots
+        parts = parts[:n_parts] if n_parts else parts[:0]
+    else:
+        parts = torch.zeros(0, dots.numel(), dtype=acc)
+        dots = torch.zeros_like(dots)  # no parts: the column kernel takes the dots as 0
+    gg, gx, gn, gp, gsc = guarded(gm), guarded(x), guarded(norm), guarded(parts), guarded(torch.tensor([s], dtype=acc))
+    emu.clear_launches()
+    L.call(_cos_fn("tangent_dots", dtype), ctypes.c_longlong(rows), ctypes.c_longlong(cols), ptr(gg), ptr(gx),
+           int(vec_rows), ptr(gn), ptr(gp), ctypes.c_longlong(n_parts), ctypes.c_double(eps), 1, ptr(gsc))
+    assert len(emu.launches()) == (1 if rows and cols else 0)
+    dd = dots.unsqueeze(d)
+    n = norm.unsqueeze(d)
+    ref = s * (gm.to(acc) - torch.where(n >= eps, dd / (n * n), torch.zeros_like(n)) * x.to(acc))
+    torch.testing.assert_close(gg, ref.to(dtype), **_cos_store_tol(dtype))
+
+
 def test_cosine_grid_stride_loops_wrap(L):
     """With a 1-SM emulated device the launch functions still cap the grids; force many rows per block."""
     rows, cols = 2000, 3
@@ -816,6 +942,11 @@ def test_registered_kernels_really_launch(L):
                ptr(norm), ctypes.c_double(1e-12), 0, ptr(None), ptr(out))
     L.call("ltk_emu_cosine_scale_f64", ctypes.c_longlong(6), ctypes.c_longlong(5), ptr(a), ctypes.c_longlong(5),
            ctypes.c_longlong(1), ptr(None), ptr(None), ctypes.c_double(1e-12), ptr(dst))
+    out5 = torch.empty(5, dtype=torch.float64)
+    L.call("ltk_emu_cosine_norms_pair_f64", ctypes.c_longlong(6), ctypes.c_longlong(5), ptr(a), 1, ptr(out),
+           ctypes.c_longlong(6), ctypes.c_longlong(5), ptr(a), 0, ptr(out5))
+    L.call("ltk_emu_cosine_scale_dots_f64", ctypes.c_longlong(6), ctypes.c_longlong(5), ptr(a), ptr(a), ptr(norm),
+           ptr(out5), ctypes.c_double(1e-12), ptr(dst), ptr(None), ptr(out5))
     u, n3 = torch.rand(3, 3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     fu = u.clone()
     L.call("ltk_emu_uniformity_pair_transform_f64", ctypes.c_longlong(3), ctypes.c_longlong(3), ptr(u), ptr(fu),

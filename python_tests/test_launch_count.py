@@ -1,4 +1,5 @@
-"""What a fused loss step asks of the device: the ATen / ltkernels ops its forward and backward issue.
+"""What a fused loss step and a cosine-head step ask of the device: the ATen / ltkernels ops (and, for the
+head, the device primitives) their forward and backward issue.
 
 The host code of margin_ce is the same on CPU and CUDA (csrc/margin_ce_common.h's run_margin_ce), so the ops
 a CPU step dispatches are the ops a CUDA step would: a CUDA step launches, per op, the kernels of
@@ -124,3 +125,140 @@ def test_retained_graph_backward_twice():
     ref = torch.nn.functional.cross_entropy(2.0 * x2, t) * 3.0
     ref.backward()
     torch.testing.assert_close(first, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+# ==== the cosine head =====================================================================================
+# The head's host code (csrc/cosine_head_common.cpp) is the same on CPU and CUDA too; between its GEMMs
+# (aten::mm: one cuBLAS kernel each) it calls device primitives, each recorded for the profiler under the
+# name below (csrc/cosine_head_op.h). HEAD_KERNELS: the CUDA kernels each primitive launches
+# (csrc/cuda/cosine_head_cuda.cu; test_cuda_kernels_per_head_primitive counts them on the emulator).
+HEAD_KERNELS = {
+    "ltk_device::cosine_norms": 1,
+    "ltk_device::cosine_norms_pair": 1,  # both operands' norms
+    "ltk_device::cosine_scale": 1,
+    "ltk_device::cosine_scale_dots": 1,  # G / |x| / |w| and the tangent dot products, as per-tile parts
+    "ltk_device::cosine_tangent_rows": 1,
+    "ltk_device::cosine_tangent_cols": 2,  # a column-dot kernel, then the update
+    "ltk_device::cosine_tangent_cols_dots": 1,
+}
+GEMMS = {"aten::mm"}
+# views and allocations the head's host code makes (no kernel)
+HEAD_NO_KERNEL = ALLOCATION | {"aten::t", "aten::transpose", "aten::_reshape_alias", "aten::expand",
+                               "aten::numpy_T", "aten::permute", "aten::resolve_conj", "aten::resolve_neg"}
+
+
+def _head_steps(fn) -> list[str]:
+    """The device primitives and the other ATen ops `fn` runs, outside the primitives' own subtrees (a
+    back end's internals: on CUDA its kernels, counted by HEAD_KERNELS)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def inside_primitive(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("ltk_device::"):
+                return True
+            p = p.cpu_parent
+        return False
+
+    return [e.name for e in prof.events() if not inside_primitive(e) and (
+        e.name.startswith("ltk_device::") or (e.name.startswith("aten::") and e.name not in HEAD_NO_KERNEL
+                                              and not (e.cpu_parent is not None and e.cpu_parent.name == e.name)))]
+
+
+def _kernels(steps: list[str]) -> int:
+    unknown = [s for s in steps if s not in HEAD_KERNELS and s not in GEMMS]
+    assert not unknown, f"ops other than the primitives and the GEMMs: {unknown}"
+    return sum(HEAD_KERNELS.get(s, 1) for s in steps)
+
+
+# (layout, N, D, C, dtype) -> CUDA kernels of one forward + backward (the bar: norms once, in one launch;
+# the backward's dot products from the logits in the same pass as the gradient's scaling)
+HEAD_CASES = {
+    # logits kept (N <= D): norms_pair, GEMM, scale | scale_dots, 2 GEMMs, 2 tangents
+    ("in_out", 8, 16, 12, torch.float32): 3 + 5,
+    ("out_in", 8, 16, 12, torch.float32): 3 + 5,  # (C, D) weight: both tangents are row kernels
+    ("in_out", 8, 16, 12, torch.bfloat16): 3 + 5,
+    # N > D: no logits kept; the column tangent computes its dot products (2 kernels)
+    ("in_out", 40, 16, 12, torch.float32): 3 + 6,
+    ("out_in", 40, 16, 12, torch.float32): 3 + 5,
+    # float16 normalises the operands first (no raw dot product may overflow): 2 scales more each way
+    ("in_out", 8, 16, 12, torch.float16): 4 + 7,
+}
+
+
+@pytest.mark.parametrize("case", list(HEAD_CASES), ids=str)
+def test_cosine_head_step_kernels(case):
+    layout, n, d, c, dtype = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w0 = torch.randn(d, c, generator=g).to(dtype)
+    w = (w0 if layout == "in_out" else w0.t().contiguous()).requires_grad_()
+    grad = torch.randn(n, c, generator=g).to(dtype)
+
+    def step():
+        out = ltkernels.cosine_logits(x, w if layout == "in_out" else w.t())
+        out.backward(grad)
+
+    step()  # warm-up
+    x.grad = w.grad = None
+    steps = _head_steps(step)
+    assert not SYNCS & set(steps), steps
+    assert steps.count("aten::mm") == 3, steps
+    assert _kernels(steps) == HEAD_CASES[case], steps
+
+
+def test_head_kernel_count_can_fail():
+    """The counter sees a primitive more: two separate norms calls instead of the pair."""
+    x, w = torch.randn(4, 6), torch.randn(6, 5)
+
+    def two_norms():
+        torch.ops.ltkernels.cosine_norms(x, 1)
+        torch.ops.ltkernels.cosine_norms(w, 0)
+
+    assert _head_steps(two_norms) == ["ltk_device::cosine_norms"] * 2
+    with pytest.raises(AssertionError, match="ops other than"):
+        _kernels(_head_steps(lambda: torch.softmax(x, 1)))
+
+
+@pytest.fixture
+def emu_lib():
+    import emu
+
+    lib = emu.lib()
+    emu.set_options(seed=1, schedule="random", timeout_s=60.0, sm_count=4, poison=True, shuffle_blocks=True,
+                    clamp_grid=0)
+    return emu, lib
+
+
+def test_cuda_kernels_per_head_primitive(emu_lib):
+    """Each primitive's CUDA launch function (the ones csrc/cuda/cosine_head_cuda.cu calls), run on the
+    emulator, launches HEAD_KERNELS[primitive] kernels."""
+    import ctypes
+
+    emu, L = emu_lib
+    r, c = 40, 300
+    m = emu.guarded(torch.randn(r, c, dtype=torch.float64))
+    g = emu.guarded(torch.randn(r, c, dtype=torch.float64))
+    out = emu.guarded(torch.empty(r, c, dtype=torch.float64))
+    vr, vc = emu.guarded(torch.rand(r, dtype=torch.float64) + 1), emu.guarded(torch.rand(c, dtype=torch.float64) + 1)
+    parts_r = emu.guarded(torch.empty(2, r, dtype=torch.float64))
+    parts_c = emu.guarded(torch.empty(2, c, dtype=torch.float64))
+    ws = emu.guarded(torch.empty(c, dtype=torch.float64))
+    p, ll, eps = emu.ptr, ctypes.c_longlong, ctypes.c_double(1e-12)
+    calls = {
+        "ltk_device::cosine_norms": ("norms", ll(r), ll(c), p(m), 0, p(vc)),
+        "ltk_device::cosine_norms_pair": ("norms_pair", ll(r), ll(c), p(m), 1, p(vr), ll(r), ll(c), p(g), 0, p(vc)),
+        "ltk_device::cosine_scale": ("scale", ll(r), ll(c), p(m), ll(c), ll(1), p(vr), p(vc), eps, p(out)),
+        "ltk_device::cosine_scale_dots": ("scale_dots", ll(r), ll(c), p(m), p(g), p(vr), p(vc), eps, p(out), p(parts_r),
+                                          p(parts_c)),
+        "ltk_device::cosine_tangent_rows": ("tangent", ll(r), ll(c), p(out), p(m), 1, p(vr), eps, 1, p(None), p(None)),
+        "ltk_device::cosine_tangent_cols": ("tangent", ll(r), ll(c), p(out), p(m), 0, p(vc), eps, 1, p(None), p(ws)),
+        "ltk_device::cosine_tangent_cols_dots": ("tangent_dots", ll(r), ll(c), p(out), p(m), 0, p(vc), p(parts_c),
+                                                 ll(2), eps, 1, p(None)),
+    }
+    assert set(calls) == set(HEAD_KERNELS)
+    for name, (fn, *args) in calls.items():
+        emu.clear_launches()
+        L.call(f"ltk_emu_cosine_{fn}_f64", *args)
+        assert len(emu.launches()) == HEAD_KERNELS[name], (name, emu.launches())

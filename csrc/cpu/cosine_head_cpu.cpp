@@ -21,14 +21,15 @@ T* opt_mut_ptr(at::Tensor& t) {
 }
 
 struct CpuCosineOps final : CosineDeviceOps {
-  void norms(const at::Tensor& m, bool vec_rows, at::Tensor& out) const override {
+ protected:
+  void norms_impl(const at::Tensor& m, bool vec_rows, at::Tensor& out) const override {
     LTK_COSINE_DISPATCH(m.scalar_type(), "cosine_norms_cpu", [&] {
       cpu::kernels().cosine<scalar_t>().norms(m.const_data_ptr<scalar_t>(), m.size(0), m.size(1), vec_rows,
                                               out.mutable_data_ptr<acc_t>());
     });
   }
-  void scale(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
-             at::Tensor& out) const override {
+  void scale_impl(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
+                  at::Tensor& out) const override {
     if (src.numel() == 0) return;
     LTK_COSINE_DISPATCH(src.scalar_type(), "cosine_scale_cpu", [&] {
       cpu::kernels().cosine<scalar_t>().scale(src.const_data_ptr<scalar_t>(), src.stride(0), src.stride(1),
@@ -36,21 +37,26 @@ struct CpuCosineOps final : CosineDeviceOps {
                                               static_cast<acc_t>(eps), out.mutable_data_ptr<scalar_t>());
     });
   }
-  void scale_dots(const at::Tensor& src, const at::Tensor& c, const at::Tensor& rn, const at::Tensor& cn, double eps,
-                  at::Tensor& out, at::Tensor& row_dots, at::Tensor& col_dots) const override {
-    if (col_dots.defined()) col_dots.zero_();
-    if (row_dots.defined()) row_dots.zero_();
-    if (src.numel() == 0) return;
+  // One part each: the kernel sums every row and column in one pass.
+  std::pair<at::Tensor, at::Tensor> scale_dots_impl(const at::Tensor& src, const at::Tensor& c, const at::Tensor& rn,
+                                                    const at::Tensor& cn, double eps, at::Tensor& out, bool want_rows,
+                                                    bool want_cols) const override {
+    const auto acc = src.options().dtype(src.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);  // acc_t
+    at::Tensor row_dots = want_rows ? at::zeros({1, src.size(0)}, acc) : at::Tensor();
+    at::Tensor col_dots = want_cols ? at::zeros({1, src.size(1)}, acc) : at::Tensor();
+    if (src.numel() == 0) return {row_dots, col_dots};
     LTK_COSINE_DISPATCH(src.scalar_type(), "cosine_scale_dots_cpu", [&] {
       cpu::kernels().cosine<scalar_t>().scale_dots(
           src.const_data_ptr<scalar_t>(), src.stride(0), src.stride(1), src.size(0), src.size(1),
           c.const_data_ptr<scalar_t>(), opt_ptr<acc_t>(rn), opt_ptr<acc_t>(cn), static_cast<acc_t>(eps),
           out.mutable_data_ptr<scalar_t>(), opt_mut_ptr<acc_t>(row_dots), opt_mut_ptr<acc_t>(col_dots));
     });
+    return {row_dots, col_dots};
   }
-  void tangent(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
-               bool prescaled, const at::Tensor& scale, const at::Tensor& dots) const override {
+  void tangent_impl(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
+                    bool prescaled, const at::Tensor& scale, const at::Tensor& dots) const override {
     if (g.numel() == 0) return;
+    TORCH_INTERNAL_ASSERT(!dots.defined() || dots.dim() == 1 || dots.size(0) == 1, "CPU dots come in one part");
     LTK_COSINE_DISPATCH(g.scalar_type(), "cosine_tangent_cpu", [&] {
       const acc_t s = scale.defined() ? scale.item<acc_t>() : acc_t(1);
       cpu::kernels().cosine<scalar_t>().tangent(g.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),

@@ -17,8 +17,12 @@ const T* opt_ptr(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
+// Every primitive is one kernel launch, except the column tangent without known dot products (a column-dot
+// kernel, then the update): python_tests/test_launch_count.py holds the count per primitive, which the
+// emulator tests check against these same launch functions.
 struct CudaCosineOps final : CosineDeviceOps {
-  void norms(const at::Tensor& m, bool vec_rows, at::Tensor& out) const override {
+ protected:
+  void norms_impl(const at::Tensor& m, bool vec_rows, at::Tensor& out) const override {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     LTK_COSINE_DISPATCH(m.scalar_type(), "cosine_norms_cuda", [&] {
       cosine_cuda::launch_norms<scalar_t>(m.size(0), m.size(1), m.const_data_ptr<scalar_t>(), vec_rows,
@@ -26,8 +30,19 @@ struct CudaCosineOps final : CosineDeviceOps {
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  void scale(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
-             at::Tensor& out) const override {
+  void norms_pair_impl(const at::Tensor& a, bool a_rows, at::Tensor& a_out, const at::Tensor& b, bool b_rows,
+                       at::Tensor& b_out) const override {
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    LTK_COSINE_DISPATCH(a.scalar_type(), "cosine_norms_pair_cuda", [&] {
+      cosine_cuda::launch_norms_pair<scalar_t>(a.size(0), a.size(1), a.const_data_ptr<scalar_t>(), a_rows,
+                                               a_out.mutable_data_ptr<acc_t>(), b.size(0), b.size(1),
+                                               b.const_data_ptr<scalar_t>(), b_rows, b_out.mutable_data_ptr<acc_t>(),
+                                               stream);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  void scale_impl(const at::Tensor& src, const at::Tensor& rn, const at::Tensor& cn, double eps,
+                  at::Tensor& out) const override {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     LTK_COSINE_DISPATCH(src.scalar_type(), "cosine_scale_cuda", [&] {
       cosine_cuda::launch_scale<scalar_t>(src.size(0), src.size(1), src.const_data_ptr<scalar_t>(), src.stride(0),
@@ -36,35 +51,41 @@ struct CudaCosineOps final : CosineDeviceOps {
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  void scale_dots(const at::Tensor& src, const at::Tensor& c, const at::Tensor& rn, const at::Tensor& cn, double eps,
-                  at::Tensor& out, at::Tensor& row_dots, at::Tensor& col_dots) const override {
-    // Sums first (they read src before an in-place scale overwrites it), then the scale.
+  // One kernel: the scale and both sets of dot products as per-tile partial sums (no atomics, no zero fill).
+  std::pair<at::Tensor, at::Tensor> scale_dots_impl(const at::Tensor& src, const at::Tensor& c, const at::Tensor& rn,
+                                                    const at::Tensor& cn, double eps, at::Tensor& out, bool want_rows,
+                                                    bool want_cols) const override {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const int64_t rows = src.size(0), cols = src.size(1);
+    const auto acc = src.options().dtype(src.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);  // acc_t
+    at::Tensor row_parts = want_rows ? at::empty({cosine_cuda::scale_dots_row_parts(cols), rows}, acc) : at::Tensor();
+    at::Tensor col_parts = want_cols ? at::empty({cosine_cuda::scale_dots_col_parts(rows), cols}, acc) : at::Tensor();
+    if (rows == 0 || cols == 0) {  // no tile: the sums are zero
+      if (row_parts.defined()) row_parts = at::zeros({1, rows}, acc);
+      if (col_parts.defined()) col_parts = at::zeros({1, cols}, acc);
+      return {row_parts, col_parts};
+    }
     const at::Tensor a = src.contiguous();
     LTK_COSINE_DISPATCH(src.scalar_type(), "cosine_scale_dots_cuda", [&] {
-      if (row_dots.defined()) {
-        cosine_cuda::launch_vec_dot<scalar_t>(a.size(0), a.size(1), a.const_data_ptr<scalar_t>(),
-                                              c.const_data_ptr<scalar_t>(), true, false,
-                                              row_dots.mutable_data_ptr<acc_t>(), stream);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      if (col_dots.defined()) {
-        cosine_cuda::launch_vec_dot<scalar_t>(a.size(0), a.size(1), a.const_data_ptr<scalar_t>(),
-                                              c.const_data_ptr<scalar_t>(), false, false,
-                                              col_dots.mutable_data_ptr<acc_t>(), stream);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      cosine_cuda::launch_scale_dots<scalar_t>(rows, cols, a.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(),
+                                               opt_ptr<acc_t>(rn), opt_ptr<acc_t>(cn), static_cast<acc_t>(eps),
+                                               out.mutable_data_ptr<scalar_t>(),
+                                               row_parts.defined() ? row_parts.mutable_data_ptr<acc_t>() : nullptr,
+                                               col_parts.defined() ? col_parts.mutable_data_ptr<acc_t>() : nullptr,
+                                               stream);
     });
-    scale(src, rn, cn, eps, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {row_parts, col_parts};
   }
-  void tangent(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
-               bool prescaled, const at::Tensor& scale, const at::Tensor& dots) const override {
+  void tangent_impl(at::Tensor& g, const at::Tensor& x, bool vec_rows, const at::Tensor& norm, double eps,
+                    bool prescaled, const at::Tensor& scale, const at::Tensor& dots) const override {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (dots.defined()) {
+      const int64_t n_parts = dots.dim() == 2 ? dots.size(0) : 1;
       LTK_COSINE_DISPATCH(g.scalar_type(), "cosine_tangent_dots_cuda", [&] {
         cosine_cuda::launch_tangent_dots<scalar_t>(g.size(0), g.size(1), g.mutable_data_ptr<scalar_t>(),
                                                    x.const_data_ptr<scalar_t>(), vec_rows,
-                                                   norm.const_data_ptr<acc_t>(), dots.const_data_ptr<acc_t>(),
+                                                   norm.const_data_ptr<acc_t>(), dots.const_data_ptr<acc_t>(), n_parts,
                                                    static_cast<acc_t>(eps), prescaled, opt_ptr<acc_t>(scale),
                                                    stream);
       });

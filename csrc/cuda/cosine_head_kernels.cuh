@@ -4,14 +4,21 @@
 //
 //   launch_norms    |m_k| of the vectors of a contiguous matrix (rows: one warp per row;
 //                   columns: a 32-column tile per block, 8 row strides reduced through shared memory)
+//   launch_norms_pair  the norms of two matrices (the features' and the weight's) in one launch: the
+//                   first blocks take one matrix, the rest the other
 //   launch_scale    out[i, j] = src[i, j] / max(rn[i], eps) / max(cn[j], eps)   (the forward epilogue;
 //                   src any strides, out contiguous, out may be src)
 //   launch_tangent  g_k <- alpha_k (g_k - c_k x_k) per vector (the backward epilogue, ltk/cosine_head.h);
 //                   row vectors: one warp per row (dot product, then the update while the row is cached);
 //                   column vectors: a column-dot kernel into `workspace` (n_vec values), then an
 //                   elementwise update.
-//   launch_tangent_dots  the same when the dot products x_k · g_k are already known (from the logits:
-//                   sum_j G_ij c_ij, see cosine_head_op.h): column vectors need only the elementwise update.
+//   launch_scale_dots  the backward prologue in one pass over the logit gradient G: G2 = G / |x_i| / |w_j|
+//                   and the tangent dot products sum_j G_ij c_ij (per row) and sum_i G_ij c_ij (per
+//                   column) as fixed-order partial sums, one per 256-column / 32-row tile (no atomics, no
+//                   second kernel: the tangent kernel adds the parts)
+//   launch_tangent_dots  the tangent projection when the dot products x_k · g_k are already known, whole or
+//                   as partial sums (parts x n_vec, from launch_scale_dots): column vectors need only the
+//                   elementwise update.
 // Every kernel takes the storage type T and the math type A = cosine_acc_t<T> (ltk/cosine_head.h): 16-bit
 // elements are widened on load and rounded once on store; norms, dot products and the scale are A.
 // Shapes are int64; every kernel uses grid-stride loops, so any grid size is valid and all launches of
@@ -46,15 +53,15 @@ __device__ __forceinline__ T device_sqrt(T v) {
   return sqrt(v);
 }
 
-// out[k] = a_k · b_k (or its square root when sqrt_out) for the rows of contiguous (rows, cols) a, b.
-// A row belongs to one warp, so the early exit and the shuffles are warp-uniform.
+// out[k] = a_k · b_k (or its square root when sqrt_out) for the rows of contiguous (rows, cols) a, b, as
+// block `block` of `nblocks` (a 256-thread block): one warp per row, so the early exit and the shuffles are
+// warp-uniform.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kRowThreads)
-    row_dot_kernel(int64_t rows, int64_t cols, const T* __restrict__ a, const T* __restrict__ b,
-                   A* __restrict__ out, int sqrt_out) {
+__device__ __forceinline__ void row_dots_part(int64_t rows, int64_t cols, const T* __restrict__ a,
+                                              const T* __restrict__ b, A* __restrict__ out, int sqrt_out,
+                                              int64_t block, int64_t nblocks) {
   const int lane = threadIdx.x % 32;
-  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32; row < rows;
-       row += int64_t(gridDim.x) * kRowsPerBlock) {
+  for (int64_t row = block * kRowsPerBlock + threadIdx.x / 32; row < rows; row += nblocks * kRowsPerBlock) {
     const T* ar = a + row * cols;
     const T* br = b + row * cols;
     A acc = A(0);
@@ -64,30 +71,85 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// The same for the columns: block (32, 8) owns 32 adjacent columns (coalesced row segments), its 8 thread
-// rows stride over the matrix rows, and shared memory adds the 8 partial sums.
+// The same for the columns: the 256 threads are a 32 x 8 tile owning 32 adjacent columns (coalesced row
+// segments), its 8 thread rows stride over the matrix rows, and `part` (shared) adds the 8 partial sums.
+// Ends with a barrier, so `part` may be reused at once.
+template <typename T, typename A>
+__device__ __forceinline__ void col_dots_part(int64_t rows, int64_t cols, const T* __restrict__ a,
+                                              const T* __restrict__ b, A* __restrict__ out, int sqrt_out,
+                                              A (*part)[kTileCols + 1], int64_t block, int64_t nblocks) {
+  const int tx = threadIdx.x % kTileCols, ty = threadIdx.x / kTileCols;
+  for (int64_t c0 = block * kTileCols; c0 < cols; c0 += nblocks * kTileCols) {
+    const int64_t col = c0 + tx;
+    A acc = A(0);
+    if (col < cols) {
+      for (int64_t r = ty; r < rows; r += kTileRows) {
+        acc += static_cast<A>(a[r * cols + col]) * static_cast<A>(b[r * cols + col]);
+      }
+    }
+    part[ty][tx] = acc;
+    __syncthreads();
+    if (ty == 0 && col < cols) {
+      A s = A(0);
+#pragma unroll
+      for (int k = 0; k < kTileRows; ++k) s += part[k][tx];
+      out[col] = sqrt_out ? device_sqrt(s) : s;
+    }
+    __syncthreads();  // part is rewritten by the next tile
+  }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kRowThreads)
+    row_dot_kernel(int64_t rows, int64_t cols, const T* __restrict__ a, const T* __restrict__ b,
+                   A* __restrict__ out, int sqrt_out) {
+  row_dots_part(rows, cols, a, b, out, sqrt_out, blockIdx.x, gridDim.x);
+}
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kTileCols* kTileRows)
     col_dot_kernel(int64_t rows, int64_t cols, const T* __restrict__ a, const T* __restrict__ b,
                    A* __restrict__ out, int sqrt_out) {
   __shared__ A part[kTileRows][kTileCols + 1];
-  for (int64_t c0 = int64_t(blockIdx.x) * kTileCols; c0 < cols; c0 += int64_t(gridDim.x) * kTileCols) {
-    const int64_t col = c0 + threadIdx.x;
-    A acc = A(0);
-    if (col < cols) {
-      for (int64_t r = threadIdx.y; r < rows; r += kTileRows) {
-        acc += static_cast<A>(a[r * cols + col]) * static_cast<A>(b[r * cols + col]);
-      }
-    }
-    part[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < cols) {
-      A s = A(0);
-#pragma unroll
-      for (int k = 0; k < kTileRows; ++k) s += part[k][threadIdx.x];
-      out[col] = sqrt_out ? device_sqrt(s) : s;
-    }
-    __syncthreads();  // part is rewritten by the next tile
+  col_dots_part(rows, cols, a, b, out, sqrt_out, part, blockIdx.x, gridDim.x);
+}
+
+// The vectors of one contiguous (rows, cols) matrix whose norms norms_pair_kernel computes.
+template <typename T, typename A>
+struct NormSet {
+  int64_t rows, cols;
+  const T* m;
+  int vec_rows;
+  A* out;
+};
+
+template <typename T, typename A>
+__device__ __forceinline__ void norm_set_part(const NormSet<T, A>& s, A (*part)[kTileCols + 1], int64_t block,
+                                              int64_t nblocks) {
+  if (s.vec_rows) {
+    row_dots_part(s.rows, s.cols, s.m, s.m, s.out, 1, block, nblocks);
+  } else {
+    col_dots_part(s.rows, s.cols, s.m, s.m, s.out, 1, part, block, nblocks);
+  }
+}
+
+// Both operands' norms in one launch. Blocks [0, na) take set a, the rest set b, where na is a_blocks
+// capped so that b keeps at least one block; a one-block grid does both in turn (any grid is valid: the
+// parts stride over their own block counts). Which set a block takes is block-uniform.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kRowThreads)
+    norms_pair_kernel(NormSet<T, A> a, NormSet<T, A> b, unsigned a_blocks, int b_work) {
+  __shared__ A part[kTileRows][kTileCols + 1];
+  const unsigned g = gridDim.x;
+  unsigned na = a_blocks < g ? a_blocks : g;
+  if (b_work && na == g && g > 1) na = g - 1;
+  if (g == 1) {
+    norm_set_part(a, part, 0, 1);
+    norm_set_part(b, part, 0, 1);
+  } else if (blockIdx.x < na) {
+    norm_set_part(a, part, blockIdx.x, na);
+  } else {
+    norm_set_part(b, part, blockIdx.x - na, g - na);
   }
 }
 
@@ -103,6 +165,73 @@ __global__ void __launch_bounds__(kEwThreads)
       A f = static_cast<A>(src[i * s0 + j * s1]) * ri;
       if (cn) f *= cosine_inv_norm(cn[j], eps);
       out[i * cols + j] = static_cast<T>(f);
+    }
+  }
+}
+
+constexpr int kDotsTileCols = 256;  // scale_dots_kernel: a tile is 32 rows x 256 columns, one per block
+constexpr int kDotsColsPerLane = kDotsTileCols / 32;
+constexpr int kDotsRowsPerWarp = 4;
+constexpr int kDotsTileRows = kDotsRowsPerWarp * (kRowThreads / 32);
+
+// out = src / max(rn, eps)[:, None] / max(cn, eps)[None, :] (src contiguous; out may be src), and with
+// v = src * c the partial sums row_parts[tx][i] = sum of v_ij over the columns of column tile tx and
+// col_parts[ty][j] = sum of v_ij over the rows of row tile ty (either may be null). Every (ty, tx) tile
+// writes its own slots, so the sums are in a fixed order for any grid. Warp w takes 4 rows of the tile,
+// lane l the columns l + 32k; the column sums of the 8 warps meet in shared memory.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kRowThreads)
+    scale_dots_kernel(int64_t rows, int64_t cols, const T* src, const T* __restrict__ c, const A* __restrict__ rn,
+                      const A* __restrict__ cn, A eps, T* out, A* __restrict__ row_parts,
+                      A* __restrict__ col_parts) {
+  __shared__ A colsum[kRowThreads / 32][kDotsTileCols];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row_tiles = (rows + kDotsTileRows - 1) / kDotsTileRows;
+  const int64_t col_tiles = (cols + kDotsTileCols - 1) / kDotsTileCols;
+  for (int64_t ty = blockIdx.y; ty < row_tiles; ty += gridDim.y) {
+    for (int64_t tx = blockIdx.x; tx < col_tiles; tx += gridDim.x) {
+      const int64_t j0 = tx * kDotsTileCols;
+      A cinv[kDotsColsPerLane], csum[kDotsColsPerLane];
+#pragma unroll
+      for (int k = 0; k < kDotsColsPerLane; ++k) {
+        const int64_t j = j0 + lane + 32 * k;
+        cinv[k] = (cn && j < cols) ? cosine_inv_norm(cn[j], eps) : A(1);
+        csum[k] = A(0);
+      }
+      for (int q = 0; q < kDotsRowsPerWarp; ++q) {
+        const int64_t i = ty * kDotsTileRows + warp * kDotsRowsPerWarp + q;
+        if (i >= rows) break;  // warp-uniform
+        const A ri = rn ? cosine_inv_norm(rn[i], eps) : A(1);
+        A rsum = A(0);
+#pragma unroll
+        for (int k = 0; k < kDotsColsPerLane; ++k) {
+          const int64_t j = j0 + lane + 32 * k;
+          if (j < cols) {
+            const A gv = static_cast<A>(src[i * cols + j]);
+            const A v = gv * static_cast<A>(c[i * cols + j]);
+            rsum += v;
+            csum[k] += v;
+            out[i * cols + j] = static_cast<T>(gv * ri * cinv[k]);
+          }
+        }
+        if (row_parts) {
+          rsum = warp_sum(rsum);
+          if (lane == 0) row_parts[tx * rows + i] = rsum;
+        }
+      }
+      if (col_parts) {
+#pragma unroll
+        for (int k = 0; k < kDotsColsPerLane; ++k) colsum[warp][lane + 32 * k] = csum[k];
+        __syncthreads();
+        const int64_t j = j0 + threadIdx.x;
+        if (j < cols) {
+          A s = A(0);
+#pragma unroll
+          for (int w = 0; w < kRowThreads / 32; ++w) s += colsum[w][threadIdx.x];
+          col_parts[ty * cols + j] = s;
+        }
+        __syncthreads();  // colsum is rewritten by the next tile
+      }
     }
   }
 }
@@ -130,18 +259,22 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// Column vectors, second pass: dots[j] = x_j · g_j from col_dot_kernel.
+// Column vectors: g_j <- alpha_j (g_j - c_j x_j) with the dot products x_j · g_j given as `n_parts` partial
+// sums parts[p * cols + j] (1 part: whole dots from col_dot_kernel). Each thread owns a column: it adds the
+// parts once, then updates the column's elements in the block's rows (blockIdx.y, strided by gridDim.y).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kEwThreads)
     col_tangent_kernel(int64_t rows, int64_t cols, T* __restrict__ g, const T* __restrict__ x,
-                       const A* __restrict__ norm, const A* __restrict__ dots, A eps, int prescaled,
+                       const A* __restrict__ norm, const A* __restrict__ parts, int64_t n_parts, A eps, int prescaled,
                        const A* __restrict__ scale) {
   const A s = scale ? scale[0] : A(1);
-  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
-    for (int64_t j = int64_t(blockIdx.x) * kEwThreads + threadIdx.x; j < cols; j += int64_t(gridDim.x) * kEwThreads) {
-      const A n = norm[j];
-      const A c = cosine_tangent_coef(n, dots[j], eps);
-      const A alpha = cosine_tangent_alpha(n, eps, prescaled != 0, s);
+  for (int64_t j = int64_t(blockIdx.x) * kEwThreads + threadIdx.x; j < cols; j += int64_t(gridDim.x) * kEwThreads) {
+    A d = A(0);
+    for (int64_t p = 0; p < n_parts; ++p) d += parts[p * cols + j];
+    const A n = norm[j];
+    const A c = cosine_tangent_coef(n, d, eps);
+    const A alpha = cosine_tangent_alpha(n, eps, prescaled != 0, s);
+    for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
       g[i * cols + j] = static_cast<T>(
           cosine_tangent_apply(static_cast<A>(g[i * cols + j]), static_cast<A>(x[i * cols + j]), alpha, c));
     }
@@ -167,7 +300,7 @@ void launch_vec_dot(int64_t rows, int64_t cols, const T* a, const T* b, bool vec
                rows, cols, a, b, out, int(sqrt_out));
   } else {
     if (cols == 0) return;
-    LTK_LAUNCH((col_dot_kernel<T, A>), dim3(grid_for(cols, kTileCols, kMaxGridX)), dim3(kTileCols, kTileRows), 0,
+    LTK_LAUNCH((col_dot_kernel<T, A>), dim3(grid_for(cols, kTileCols, kMaxGridX)), dim3(kTileCols * kTileRows), 0,
                stream, rows, cols, a, b, out, int(sqrt_out));
   }
 }
@@ -176,6 +309,50 @@ void launch_vec_dot(int64_t rows, int64_t cols, const T* a, const T* b, bool vec
 template <typename T, typename A = cosine_acc_t<T>>
 void launch_norms(int64_t rows, int64_t cols, const T* m, bool vec_rows, A* out, cudaStream_t stream) {
   launch_vec_dot<T, A>(rows, cols, m, m, vec_rows, /*sqrt_out=*/true, out, stream);
+}
+
+// Blocks norms_pair_kernel gives a set: as many as its own launch would have, none when it is empty.
+template <typename T, typename A>
+int64_t norm_set_blocks(const NormSet<T, A>& s) {
+  if (s.vec_rows) return s.rows == 0 ? 0 : grid_for(s.rows, kRowsPerBlock, kMaxGridX / 2);
+  return s.cols == 0 ? 0 : grid_for(s.cols, kTileCols, kMaxGridX / 2);
+}
+
+// Raw L2 norms of the vectors of two contiguous matrices (a: (a_rows, a_cols), vectors its rows when
+// a_vec_rows; b likewise) in one launch.
+template <typename T, typename A = cosine_acc_t<T>>
+void launch_norms_pair(int64_t a_rows, int64_t a_cols, const T* a, bool a_vec_rows, A* a_out, int64_t b_rows,
+                       int64_t b_cols, const T* b, bool b_vec_rows, A* b_out, cudaStream_t stream) {
+  const NormSet<T, A> sa{a_rows, a_cols, a, int(a_vec_rows), a_out}, sb{b_rows, b_cols, b, int(b_vec_rows), b_out};
+  const int64_t na = norm_set_blocks(sa), nb = norm_set_blocks(sb);
+  if (na + nb == 0) return;
+  LTK_LAUNCH((norms_pair_kernel<T, A>), dim3(static_cast<unsigned>(na + nb)), dim3(kRowThreads), 0, stream, sa, sb,
+             static_cast<unsigned>(na), int(nb > 0));
+}
+
+// Partial sums launch_scale_dots writes: row_parts is (scale_dots_row_parts(cols), rows), col_parts
+// (scale_dots_col_parts(rows), cols).
+inline int64_t scale_dots_row_parts(int64_t cols) { return (cols + kDotsTileCols - 1) / kDotsTileCols; }
+inline int64_t scale_dots_col_parts(int64_t rows) { return (rows + kDotsTileRows - 1) / kDotsTileRows; }
+
+// out = src / max(rn, eps)[:, None] / max(cn, eps)[None, :] and the partial row / column sums of src * c
+// (src, c contiguous; out may be src; row_parts / col_parts may be null), one launch.
+template <typename T, typename A = cosine_acc_t<T>>
+void launch_scale_dots(int64_t rows, int64_t cols, const T* src, const T* c, const A* rn, const A* cn, A eps, T* out,
+                       A* row_parts, A* col_parts, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  const int64_t gy = scale_dots_col_parts(rows);
+  const dim3 grid(grid_for(cols, kDotsTileCols, kMaxGridX), static_cast<unsigned>(gy < kMaxGridY ? gy : kMaxGridY));
+  LTK_LAUNCH((scale_dots_kernel<T, A>), grid, dim3(kRowThreads), 0, stream, rows, cols, src, c, rn, cn, eps, out,
+             row_parts, col_parts);
+}
+
+// Grid of col_tangent_kernel: a column per thread, and blocks of at least 8 rows per part so that adding
+// the parts (once per column and block) costs at most an eighth of the update's reads.
+inline dim3 col_tangent_grid(int64_t rows, int64_t cols, int64_t n_parts) {
+  const int64_t rows_per_block = 8 * (n_parts > 1 ? n_parts : 1);
+  const int64_t gy = (rows + rows_per_block - 1) / rows_per_block;
+  return dim3(grid_for(cols, kEwThreads, kMaxGridX), static_cast<unsigned>(gy < kMaxGridY ? gy : kMaxGridY));
 }
 
 // out = src / max(rn, eps)[:, None] / max(cn, eps)[None, :]; src with strides (s0, s1), out contiguous.
@@ -198,27 +375,24 @@ void launch_tangent(int64_t rows, int64_t cols, T* g, const T* x, bool vec_rows,
                rows, cols, g, x, norm, eps, int(prescaled), scale);
   } else {
     launch_vec_dot<T, A>(rows, cols, x, g, /*vec_rows=*/false, /*sqrt_out=*/false, workspace, stream);
-    const dim3 grid(grid_for(cols, kEwThreads, kMaxGridX),
-                    static_cast<unsigned>(rows < kMaxGridY ? rows : kMaxGridY));
-    LTK_LAUNCH((col_tangent_kernel<T, A>), grid, dim3(kEwThreads), 0, stream, rows, cols, g, x, norm,
-               static_cast<const A*>(workspace), eps, int(prescaled), scale);
+    LTK_LAUNCH((col_tangent_kernel<T, A>), col_tangent_grid(rows, cols, 1), dim3(kEwThreads), 0, stream, rows, cols,
+               g, x, norm, static_cast<const A*>(workspace), int64_t(1), eps, int(prescaled), scale);
   }
 }
 
-// launch_tangent with known dot products `dots` (one per vector). Row vectors recompute them in the same
-// warp pass (free: the row is read anyway); column vectors skip the column-dot kernel.
+// launch_tangent with known dot products: `dots` holds n_parts partial sums per vector
+// (dots[p * n_vec + k]; 1 part: the dots themselves). Row vectors recompute them in the same warp pass
+// (free: the row is read anyway); column vectors skip the column-dot kernel.
 template <typename T, typename A = cosine_acc_t<T>>
 void launch_tangent_dots(int64_t rows, int64_t cols, T* g, const T* x, bool vec_rows, const A* norm, const A* dots,
-                         A eps, bool prescaled, const A* scale, cudaStream_t stream) {
+                         int64_t n_parts, A eps, bool prescaled, const A* scale, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
   if (vec_rows) {
     LTK_LAUNCH((row_tangent_kernel<T, A>), dim3(grid_for(rows, kRowsPerBlock, kMaxGridX)), dim3(kRowThreads), 0, stream,
                rows, cols, g, x, norm, eps, int(prescaled), scale);
   } else {
-    const dim3 grid(grid_for(cols, kEwThreads, kMaxGridX),
-                    static_cast<unsigned>(rows < kMaxGridY ? rows : kMaxGridY));
-    LTK_LAUNCH((col_tangent_kernel<T, A>), grid, dim3(kEwThreads), 0, stream, rows, cols, g, x, norm, dots, eps,
-               int(prescaled), scale);
+    LTK_LAUNCH((col_tangent_kernel<T, A>), col_tangent_grid(rows, cols, n_parts), dim3(kEwThreads), 0, stream, rows,
+               cols, g, x, norm, dots, n_parts, eps, int(prescaled), scale);
   }
 }
 
