@@ -49,12 +49,10 @@ KERNEL_COVERAGE = {
     "margin_ce_prologue_kernel": "test_margin_ce_shapes_dtypes",
     "margin_ce_stream_kernel": "test_margin_ce_stream_edge_shapes",
     "margin_ce_grad_scale_kernel": "test_margin_ce_grad_scale",
-    "row_dot_kernel": "test_cosine_vec_dot",
-    "col_dot_kernel": "test_cosine_vec_dot",
+    "vec_dots_kernel": "test_cosine_vec_dot",  # and test_cosine_norms_pair
     "scale_kernel": "test_cosine_scale",
     "row_tangent_kernel": "test_cosine_tangent",
     "col_tangent_kernel": "test_cosine_tangent",
-    "norms_pair_kernel": "test_cosine_norms_pair",
     "scale_dots_kernel": "test_cosine_scale_dots",
     "pair_transform_kernel": "test_uniformity_pair_transform",  # uniformity (ltkernels.regularisers)
     "exp_shift_kernel": "test_uniformity_exp_shift",

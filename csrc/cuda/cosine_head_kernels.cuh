@@ -2,10 +2,11 @@
 // Plain CUDA C++ launched only through LTK_LAUNCH, so the SIMT emulator (csrc/emu) runs the same source.
 // The GEMMs are cuBLAS (at::mm in cosine_head_common.cpp); these are the fused pieces around them:
 //
-//   launch_norms    |m_k| of the vectors of a contiguous matrix (rows: one warp per row;
-//                   columns: a 32-column tile per block, 8 row strides reduced through shared memory)
-//   launch_norms_pair  the norms of two matrices (the features' and the weight's) in one launch: the
-//                   first blocks take one matrix, the rest the other
+//   launch_vec_dot / launch_norms   a_k · b_k or |m_k| for the vectors of contiguous matrices
+//                   (vec_dots_kernel; rows: one warp per row; columns: a 32-column tile per block, 8 row
+//                   strides reduced through shared memory)
+//   launch_norms_pair  the norms of two matrices (the features' and the weight's) in one launch of the
+//                   same kernel: the first blocks take one matrix, the rest the other
 //   launch_scale    out[i, j] = src[i, j] / max(rn[i], eps) / max(cn[j], eps)   (the forward epilogue;
 //                   src any strides, out contiguous, out may be src)
 //   launch_tangent  g_k <- alpha_k (g_k - c_k x_k) per vector (the backward epilogue, ltk/cosine_head.h);
@@ -53,103 +54,88 @@ __device__ __forceinline__ T device_sqrt(T v) {
   return sqrt(v);
 }
 
-// out[k] = a_k · b_k (or its square root when sqrt_out) for the rows of contiguous (rows, cols) a, b, as
-// block `block` of `nblocks` (a 256-thread block): one warp per row, so the early exit and the shuffles are
-// warp-uniform.
+// One set of vector dot products: out[k] = a_k · b_k (or its square root when sqrt_out) for the vectors of
+// contiguous (rows, cols) matrices a, b (b may be a: squared norms), the rows (vec_rows) or the columns.
 template <typename T, typename A>
-__device__ __forceinline__ void row_dots_part(int64_t rows, int64_t cols, const T* __restrict__ a,
-                                              const T* __restrict__ b, A* __restrict__ out, int sqrt_out,
-                                              int64_t block, int64_t nblocks) {
+struct DotSet {
+  int64_t rows, cols;
+  const T* a;
+  const T* b;
+  int vec_rows, sqrt_out;
+  A* out;
+};
+
+// Row vectors, as block `block` of `nblocks` (256 threads): one warp per row, so the early exit and the
+// shuffles are warp-uniform.
+template <typename T, typename A>
+__device__ __forceinline__ void row_dots_part(const DotSet<T, A>& s, unsigned block, unsigned nblocks) {
   const int lane = threadIdx.x % 32;
-  for (int64_t row = block * kRowsPerBlock + threadIdx.x / 32; row < rows; row += nblocks * kRowsPerBlock) {
-    const T* ar = a + row * cols;
-    const T* br = b + row * cols;
+  for (int64_t row = int64_t(block) * kRowsPerBlock + threadIdx.x / 32; row < s.rows;
+       row += int64_t(nblocks) * kRowsPerBlock) {
+    const T* ar = s.a + row * s.cols;
+    const T* br = s.b + row * s.cols;
     A acc = A(0);
-    for (int64_t j = lane; j < cols; j += 32) acc += static_cast<A>(ar[j]) * static_cast<A>(br[j]);
+    for (int64_t j = lane; j < s.cols; j += 32) acc += static_cast<A>(ar[j]) * static_cast<A>(br[j]);
     acc = warp_sum(acc);
-    if (lane == 0) out[row] = sqrt_out ? device_sqrt(acc) : acc;
+    if (lane == 0) s.out[row] = s.sqrt_out ? device_sqrt(acc) : acc;
   }
 }
 
-// The same for the columns: the 256 threads are a 32 x 8 tile owning 32 adjacent columns (coalesced row
-// segments), its 8 thread rows stride over the matrix rows, and `part` (shared) adds the 8 partial sums.
-// Ends with a barrier, so `part` may be reused at once.
+// Column vectors: the 256 threads are a 32 x 8 tile owning 32 adjacent columns (coalesced row segments), its
+// 8 thread rows stride over the matrix rows, and `part` (shared) adds the 8 partial sums. Ends with a
+// barrier, so `part` may be reused at once.
 template <typename T, typename A>
-__device__ __forceinline__ void col_dots_part(int64_t rows, int64_t cols, const T* __restrict__ a,
-                                              const T* __restrict__ b, A* __restrict__ out, int sqrt_out,
-                                              A (*part)[kTileCols + 1], int64_t block, int64_t nblocks) {
+__device__ __forceinline__ void col_dots_part(const DotSet<T, A>& s, A (&part)[kTileRows][kTileCols + 1],
+                                              unsigned block, unsigned nblocks) {
   const int tx = threadIdx.x % kTileCols, ty = threadIdx.x / kTileCols;
-  for (int64_t c0 = block * kTileCols; c0 < cols; c0 += nblocks * kTileCols) {
+  for (int64_t c0 = int64_t(block) * kTileCols; c0 < s.cols; c0 += int64_t(nblocks) * kTileCols) {
     const int64_t col = c0 + tx;
     A acc = A(0);
-    if (col < cols) {
-      for (int64_t r = ty; r < rows; r += kTileRows) {
-        acc += static_cast<A>(a[r * cols + col]) * static_cast<A>(b[r * cols + col]);
+    if (col < s.cols) {
+      for (int64_t r = ty; r < s.rows; r += kTileRows) {
+        acc += static_cast<A>(s.a[r * s.cols + col]) * static_cast<A>(s.b[r * s.cols + col]);
       }
     }
     part[ty][tx] = acc;
     __syncthreads();
-    if (ty == 0 && col < cols) {
-      A s = A(0);
+    if (ty == 0 && col < s.cols) {
+      A sum = A(0);
 #pragma unroll
-      for (int k = 0; k < kTileRows; ++k) s += part[k][tx];
-      out[col] = sqrt_out ? device_sqrt(s) : s;
+      for (int k = 0; k < kTileRows; ++k) sum += part[k][tx];
+      s.out[col] = s.sqrt_out ? device_sqrt(sum) : sum;
     }
     __syncthreads();  // part is rewritten by the next tile
   }
 }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kRowThreads)
-    row_dot_kernel(int64_t rows, int64_t cols, const T* __restrict__ a, const T* __restrict__ b,
-                   A* __restrict__ out, int sqrt_out) {
-  row_dots_part(rows, cols, a, b, out, sqrt_out, blockIdx.x, gridDim.x);
-}
-
-template <typename T, typename A>
-__global__ void __launch_bounds__(kTileCols* kTileRows)
-    col_dot_kernel(int64_t rows, int64_t cols, const T* __restrict__ a, const T* __restrict__ b,
-                   A* __restrict__ out, int sqrt_out) {
-  __shared__ A part[kTileRows][kTileCols + 1];
-  col_dots_part(rows, cols, a, b, out, sqrt_out, part, blockIdx.x, gridDim.x);
-}
-
-// The vectors of one contiguous (rows, cols) matrix whose norms norms_pair_kernel computes.
-template <typename T, typename A>
-struct NormSet {
-  int64_t rows, cols;
-  const T* m;
-  int vec_rows;
-  A* out;
-};
-
-template <typename T, typename A>
-__device__ __forceinline__ void norm_set_part(const NormSet<T, A>& s, A (*part)[kTileCols + 1], int64_t block,
-                                              int64_t nblocks) {
+__device__ __forceinline__ void dot_set_part(const DotSet<T, A>& s, A (&part)[kTileRows][kTileCols + 1],
+                                             unsigned block, unsigned nblocks) {
   if (s.vec_rows) {
-    row_dots_part(s.rows, s.cols, s.m, s.m, s.out, 1, block, nblocks);
+    row_dots_part(s, block, nblocks);
   } else {
-    col_dots_part(s.rows, s.cols, s.m, s.m, s.out, 1, part, block, nblocks);
+    col_dots_part(s, part, block, nblocks);
   }
 }
 
-// Both operands' norms in one launch. Blocks [0, na) take set a, the rest set b, where na is a_blocks
-// capped so that b keeps at least one block; a one-block grid does both in turn (any grid is valid: the
-// parts stride over their own block counts). Which set a block takes is block-uniform.
+// One or two sets of dot products in one launch (the second: the weight's norms next to the features').
+// Blocks [0, n1) take the first set, the rest the second, where n1 is first_blocks capped so that a second
+// set with work keeps at least one block; a one-block grid does both in turn (any grid is valid: each part
+// strides over its own block count). Which set a block takes is block-uniform.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kRowThreads)
-    norms_pair_kernel(NormSet<T, A> a, NormSet<T, A> b, unsigned a_blocks, int b_work) {
+    vec_dots_kernel(DotSet<T, A> first, DotSet<T, A> second, unsigned first_blocks, int second_work) {
   __shared__ A part[kTileRows][kTileCols + 1];
   const unsigned g = gridDim.x;
-  unsigned na = a_blocks < g ? a_blocks : g;
-  if (b_work && na == g && g > 1) na = g - 1;
+  unsigned n1 = first_blocks < g ? first_blocks : g;
+  if (second_work && n1 == g && g > 1) n1 = g - 1;
   if (g == 1) {
-    norm_set_part(a, part, 0, 1);
-    norm_set_part(b, part, 0, 1);
-  } else if (blockIdx.x < na) {
-    norm_set_part(a, part, blockIdx.x, na);
+    dot_set_part(first, part, 0, 1);
+    dot_set_part(second, part, 0, 1);
+  } else if (blockIdx.x < n1) {
+    dot_set_part(first, part, blockIdx.x, n1);
   } else {
-    norm_set_part(b, part, blockIdx.x - na, g - na);
+    dot_set_part(second, part, blockIdx.x - n1, g - n1);
   }
 }
 
@@ -260,7 +246,7 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // Column vectors: g_j <- alpha_j (g_j - c_j x_j) with the dot products x_j · g_j given as `n_parts` partial
-// sums parts[p * cols + j] (1 part: whole dots from col_dot_kernel). Each thread owns a column: it adds the
+// sums parts[p * cols + j] (1 part: whole dots from launch_vec_dot). Each thread owns a column: it adds the
 // parts once, then updates the column's elements in the block's rows (blockIdx.y, strided by gridDim.y).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kEwThreads)
@@ -289,20 +275,28 @@ inline unsigned grid_for(int64_t work, int64_t per_block, int64_t cap) {
   return static_cast<unsigned>(g < cap ? g : cap);
 }
 
+// Blocks vec_dots_kernel gives a set: one per 8 row vectors or 32 columns, none when it is empty.
+template <typename T, typename A>
+int64_t dot_set_blocks(const DotSet<T, A>& s) {
+  if (s.vec_rows) return s.rows == 0 ? 0 : grid_for(s.rows, kRowsPerBlock, kMaxGridX / 2);
+  return s.cols == 0 ? 0 : grid_for(s.cols, kTileCols, kMaxGridX / 2);
+}
+
+template <typename T, typename A>
+void launch_dot_sets(const DotSet<T, A>& first, const DotSet<T, A>& second, cudaStream_t stream) {
+  const int64_t n1 = dot_set_blocks(first), n2 = dot_set_blocks(second);
+  if (n1 + n2 == 0) return;
+  LTK_LAUNCH((vec_dots_kernel<T, A>), dim3(static_cast<unsigned>(n1 + n2)), dim3(kRowThreads), 0, stream, first,
+             second, static_cast<unsigned>(n1), int(n2 > 0));
+}
+
 // Vector dot products of two contiguous (rows, cols) matrices (b may be a: squared norms); vectors are
 // the rows (vec_rows) or the columns; out has one value per vector, sqrt'ed when sqrt_out.
 template <typename T, typename A = cosine_acc_t<T>>
 void launch_vec_dot(int64_t rows, int64_t cols, const T* a, const T* b, bool vec_rows, bool sqrt_out, A* out,
                     cudaStream_t stream) {
-  if (vec_rows) {
-    if (rows == 0) return;
-    LTK_LAUNCH((row_dot_kernel<T, A>), dim3(grid_for(rows, kRowsPerBlock, kMaxGridX)), dim3(kRowThreads), 0, stream,
-               rows, cols, a, b, out, int(sqrt_out));
-  } else {
-    if (cols == 0) return;
-    LTK_LAUNCH((col_dot_kernel<T, A>), dim3(grid_for(cols, kTileCols, kMaxGridX)), dim3(kTileCols * kTileRows), 0,
-               stream, rows, cols, a, b, out, int(sqrt_out));
-  }
+  const DotSet<T, A> none{0, 0, a, a, 1, 0, out};
+  launch_dot_sets<T, A>({rows, cols, a, b, int(vec_rows), int(sqrt_out), out}, none, stream);
 }
 
 // Raw L2 norms of the vectors of contiguous (rows, cols) m.
@@ -311,23 +305,13 @@ void launch_norms(int64_t rows, int64_t cols, const T* m, bool vec_rows, A* out,
   launch_vec_dot<T, A>(rows, cols, m, m, vec_rows, /*sqrt_out=*/true, out, stream);
 }
 
-// Blocks norms_pair_kernel gives a set: as many as its own launch would have, none when it is empty.
-template <typename T, typename A>
-int64_t norm_set_blocks(const NormSet<T, A>& s) {
-  if (s.vec_rows) return s.rows == 0 ? 0 : grid_for(s.rows, kRowsPerBlock, kMaxGridX / 2);
-  return s.cols == 0 ? 0 : grid_for(s.cols, kTileCols, kMaxGridX / 2);
-}
-
 // Raw L2 norms of the vectors of two contiguous matrices (a: (a_rows, a_cols), vectors its rows when
 // a_vec_rows; b likewise) in one launch.
 template <typename T, typename A = cosine_acc_t<T>>
 void launch_norms_pair(int64_t a_rows, int64_t a_cols, const T* a, bool a_vec_rows, A* a_out, int64_t b_rows,
                        int64_t b_cols, const T* b, bool b_vec_rows, A* b_out, cudaStream_t stream) {
-  const NormSet<T, A> sa{a_rows, a_cols, a, int(a_vec_rows), a_out}, sb{b_rows, b_cols, b, int(b_vec_rows), b_out};
-  const int64_t na = norm_set_blocks(sa), nb = norm_set_blocks(sb);
-  if (na + nb == 0) return;
-  LTK_LAUNCH((norms_pair_kernel<T, A>), dim3(static_cast<unsigned>(na + nb)), dim3(kRowThreads), 0, stream, sa, sb,
-             static_cast<unsigned>(na), int(nb > 0));
+  launch_dot_sets<T, A>({a_rows, a_cols, a, a, int(a_vec_rows), 1, a_out},
+                        {b_rows, b_cols, b, b, int(b_vec_rows), 1, b_out}, stream);
 }
 
 // Partial sums launch_scale_dots writes: row_parts is (scale_dots_row_parts(cols), rows), col_parts
