@@ -345,265 +345,407 @@ inline acc_t softmax_shift(const acc_t* z, int64_t Cpad, acc_t zmax, acc_t z_fre
   return at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, m);
 }
 
+// The row loop's step functions are force-inlined: the loop compiles to the same code as one function (a
+// call per row cost 3-6% at 128 x 100), and each step keeps a name and a comment.
+#define LTK_ROW_STEP inline __attribute__((always_inline))
+
+// What margin_ce_rows decides once per call: which instantiations the rows take and which scratch rows a
+// thread needs. What the types decide is constexpr, so that its branches fold away.
 template <typename scalar_t, typename acc_t>
-void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
+struct RowPlan {
+  static constexpr bool cast_input = !std::is_same_v<scalar_t, acc_t>;  // 16-bit input: rows converted first
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr bool can_fuse_cloud = std::is_same_v<acc_t, float>;  // avx512::cloud_logits_row
+#else
+  static constexpr bool can_fuse_cloud = false;
+#endif
+  int64_t C, Cpad;
+  bool cloud, smoothing, want_grad;
+  bool generic;  // angular + cloud perturbs every element non-linearly: its jacobian is stored in pass 1
+  bool clamp_c;  // ArcFace clamps the cosine to [-1, 1]
+  bool stream;   // the gradient goes out through non-temporal stores (kStreamOutputBytes)
+  // Linear logits (no ArcFace clamp): the hot loops are template instantiations without per-element
+  // option tests, which cost about as many instructions as the arithmetic (20-38% of the fp32 kernel).
+  bool affine;
+  bool pert_only;  // linear, a cloud and no other offset (GCL)
+  bool fused_;     // GCL, AVX-512, float: pass 1 draws the offsets itself (read through fused_cloud_offsets)
+  constexpr bool fused_cloud_offsets() const { return can_fuse_cloud && fused_; }
+  // Streamed linear rows without the FBL row shift: each row's gradient is written during the next row's
+  // pass 2 (exp_pass_with_prev), two rows of scratch per thread.
+  bool pipelined;
+  bool draws_normals;  // a cloud drawn here row by row (not given as noise, not drawn by pass 1)
+};
+
+template <typename scalar_t, typename acc_t>
+RowPlan<scalar_t, acc_t> row_plan(const MarginCeArgs<scalar_t, acc_t>& a) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  RowPlan<scalar_t, acc_t> p;
+  p.C = a.C;
+  p.Cpad = (a.C + V - 1) / V * V;
+  p.cloud = a.cloud != nullptr;
+  p.smoothing = a.smoothing != acc_t(0);
+  p.want_grad = a.grad != nullptr;
+  p.generic = a.angular != kLinear && p.cloud;
+  p.clamp_c = arcface_clamps(a.angular);
+  p.stream = !p.cast_input && a.N * a.C * int64_t(sizeof(acc_t)) > kStreamOutputBytes;
+  p.affine = a.angular == kLinear;
+  p.pert_only = p.affine && p.cloud && !a.col_bias && !a.shift_coef;
+  p.fused_ = p.pert_only && !a.noise;
+  p.pipelined = p.stream && p.affine && p.want_grad && !a.grad_row_shift;
+  p.draws_normals = p.cloud && !a.noise && !p.fused_cloud_offsets();
+  return p;
+}
+
+// A thread's scratch rows, sized by the plan.
+template <typename scalar_t, typename acc_t>
+struct RowScratch {
+  std::vector<acc_t> z;  // logits, then exponentials (two rows when pipelined)
+  std::vector<acc_t> c;  // the row converted from 16-bit input
+  std::vector<acc_t> pert;
+  std::vector<acc_t> jac;  // generic rows: dz/dc of every element
+  std::vector<acc_t> q;    // linear rows: the gathered offsets b_j + t beta_j - pert_j
+  std::vector<acc_t> g;    // the gradient in acc_t before its conversion to 16 bits
+  std::vector<float> normals;
+
+  explicit RowScratch(const RowPlan<scalar_t, acc_t>& p)
+      : z(p.pipelined ? 2 * p.Cpad : p.Cpad),
+        c(p.cast_input ? p.Cpad : 0),
+        pert(p.cloud ? p.Cpad : 0),
+        jac(p.generic ? p.Cpad : 0),
+        q(p.affine && !p.fused_cloud_offsets() ? p.Cpad : 0),
+        g((p.want_grad && p.cast_input) ? p.Cpad : 0),
+        normals(p.draws_normals ? (p.C + 3) / 4 * 4 : 0) {}
+};
+
+// The values of row i that every pass reads.
+template <typename acc_t>
+struct RowState {
+  int64_t i, y;
+  acc_t S, t;          // the row's scale and FBL shift
+  const acc_t* c;      // cosines in acc_t
+  const acc_t* pert;   // cloud perturbation, or null
+  acc_t z_t, jac_y;    // the target's logit and dz/dc
+};
+
+// An ignored row: zero loss, zero gradient, zero row-shift gradient.
+template <typename scalar_t, typename acc_t>
+LTK_ROW_STEP void ignored_row(const MarginCeArgs<scalar_t, acc_t>& a, int64_t i, scalar_t* grow) {
+  a.row_loss[i] = 0;
+  if (grow) std::fill(grow, grow + a.C, scalar_t(0));
+  if (a.grad_row_shift) a.grad_row_shift[i] = 0;
+}
+
+// The row's cosines in acc_t: the input itself, or its conversion from 16 bits in scratch.
+template <typename scalar_t, typename acc_t>
+LTK_ROW_STEP const acc_t* row_cosines(const MarginCeArgs<scalar_t, acc_t>& a, const RowPlan<scalar_t, acc_t>& p,
+                                      RowScratch<scalar_t, acc_t>& s, int64_t i) {
+  const scalar_t* in_row = a.input + i * a.C;
+  if (p.cast_input) {
+    at::vec::convert(in_row, s.c.data(), a.C);
+    return s.c.data();
+  }
+  return reinterpret_cast<const acc_t*>(in_row);
+}
+
+// The cloud's perturbation of row i (null without a cloud). Linear mode subtracts
+// noise_mul |clamp(eps, -1, 1)| delta_j; GCLAng adds the angle (pi/2) epsilon delta_j |clamp(eps, -1, 1)|
+// to the margin. GCL (pert_only) also writes the offsets of pass 1, -pert, in the same loop; with
+// fused_cloud_offsets pass 1 draws them itself and only the target's perturbation is computed here.
+template <typename scalar_t, typename acc_t>
+LTK_ROW_STEP const acc_t* row_perturbation(const MarginCeArgs<scalar_t, acc_t>& a, const RowPlan<scalar_t, acc_t>& p,
+                                           RowScratch<scalar_t, acc_t>& s, int64_t i, int64_t y) {
+  if (!p.cloud) return nullptr;
+  const int64_t C = a.C;
+  acc_t* pt = s.pert.data();
+  if (a.noise) {
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) pt[j] = cloud_perturbation(a, j, a.noise[i * C + j]);
+  } else if (p.fused_cloud_offsets()) {
+    pt[y] = cloud_perturbation(a, y,
+                               scale_noise<acc_t>(philox::normal_at(a.seed, a.offset, static_cast<uint64_t>(i), y)));
+  } else {
+    float* nz = s.normals.data();
+    fill_row_normals(a.seed, a.offset, static_cast<uint64_t>(i), (C + 3) / 4, nz);
+    if (p.pert_only) {
+      acc_t* qb = s.q.data();
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) {
+        const acc_t pj = cloud_perturbation(a, j, scale_noise<acc_t>(nz[j]));
+        pt[j] = pj;
+        qb[j] = -pj;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) pt[j] = cloud_perturbation(a, j, scale_noise<acc_t>(nz[j]));
+    }
+  }
+  return pt;
+}
+
+// Pass 1 of a linear row: z_j = S (r_j c_j + q_j) with q_j = b_j + t beta_j - pert_j gathered first, so
+// that the hot loop is one of four instantiations with no per-element option tests. Returns the lane-wise
+// max (the target at its margin-free value).
+template <typename scalar_t, typename acc_t>
+LTK_ROW_STEP Vectorized<acc_t> linear_logits_pass(const MarginCeArgs<scalar_t, acc_t>& a, const RowPlan<scalar_t,
+                                                  acc_t>& p, RowScratch<scalar_t, acc_t>& s, const RowState<acc_t>& r,
+                                                  acc_t* z) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t C = a.C;
+  const Vec vS(r.S);
+  if (p.fused_cloud_offsets()) {  // GCL: z_j = S (c_j + q_j) with the offsets q drawn in the same loop
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return avx512::cloud_logits_row(a.seed, a.offset, static_cast<uint64_t>(r.i), C, a.noise_mul, a.cloud, r.c,
+                                      r.S, z);
+    }
+#endif
+    return Vec(-std::numeric_limits<acc_t>::infinity());  // not reached: the plan sets it for AVX-512 float only
+  }
+  const acc_t* q = nullptr;
+  if (a.col_bias && !a.shift_coef && !r.pert) {
+    q = a.col_bias;
+  } else if (p.pert_only && !a.noise) {
+    q = s.q.data();  // filled with -perturbation by row_perturbation
+  } else if (a.col_bias || a.shift_coef || r.pert) {
+    acc_t* qb = s.q.data();
+    if (a.col_bias) std::copy(a.col_bias, a.col_bias + C, qb);
+    else std::fill(qb, qb + C, acc_t(0));
+    const acc_t t = r.t;
+    if (a.shift_coef) at::vec::map2([t](Vec v, Vec b) { return v + Vec(t) * b; }, qb, qb, a.shift_coef, C);
+    if (r.pert) at::vec::map2([](Vec v, Vec pv) { return v - pv; }, qb, qb, r.pert, C);
+    q = qb;
+  }
+  return a.col_scale ? (q ? logits_row<true, true>(r.c, a.col_scale, q, vS, z, C)
+                          : logits_row<true, false>(r.c, a.col_scale, q, vS, z, C))
+                     : (q ? logits_row<false, true>(r.c, a.col_scale, q, vS, z, C)
+                          : logits_row<false, false>(r.c, a.col_scale, q, vS, z, C));
+}
+
+// Pass 1 of an angular row (ArcFace, GCLAng): the non-target columns carry no margin, so without a cloud
+// they are the clamped (ArcFace) cosine scaled; with a cloud every element takes the angular transform and
+// its jacobian is stored for pass 3. Returns the lane-wise max.
+template <typename scalar_t, typename acc_t>
+LTK_ROW_STEP Vectorized<acc_t> angular_logits_pass(const MarginCeArgs<scalar_t, acc_t>& a, const RowPlan<scalar_t,
+                                                   acc_t>& p, RowScratch<scalar_t, acc_t>& s, const RowState<acc_t>& r,
+                                                   acc_t* z) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t C = a.C;
-  const int64_t Cpad = (C + V - 1) / V * V;
-  const bool cast_input = !std::is_same_v<scalar_t, acc_t>;
-  const bool cloud = a.cloud != nullptr;
-  const bool smoothing = a.smoothing != acc_t(0);
-  const bool want_grad = a.grad != nullptr;
-  // Angular + cloud perturbs every element non-linearly: its jacobian is stored in pass 1.
-  const bool generic = a.angular != kLinear && cloud;
-  const bool clamp_c = arcface_clamps(a.angular);
-  const acc_t inv_denom = *a.inv_denom;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  // ~4096 elements per task: at 128 x 100 two threads beat one by 8-15% of a training step (fork/join is
-  // ~1-2 us, a task ~5 us), and ATen's log_softmax goes parallel there too (A/B, bench harness)
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1));
-  const bool stream = !cast_input && a.N * C * int64_t(sizeof(acc_t)) > kStreamOutputBytes;
-  // Linear logits (no ArcFace clamp): the hot loops are template instantiations without per-element
-  // option tests, which cost about as many instructions as the arithmetic (20-38% of the fp32 kernel).
-  const bool affine = a.angular == kLinear;
-  const bool pert_only = affine && cloud && !a.col_bias && !a.shift_coef;
-#if defined(CPU_CAPABILITY_AVX512)
-  const bool fused_cloud_offsets = pert_only && !a.noise && std::is_same_v<acc_t, float>;
-#else
-  const bool fused_cloud_offsets = false;
-#endif
+  const Vec vS(r.S), vt(r.t);
+  Vec vmax(ninf);
+  for (int64_t j = 0; j < C; j += V) {
+    const int64_t n = std::min<int64_t>(V, C - j);
+    Vec zv;
+    if (!p.generic) {
+      Vec x = Vec::loadu(r.c + j, n);
+      if (p.clamp_c) x = at::vec::clamp(x, Vec(-1), Vec(1));
+      if (a.col_scale) x = x * Vec::loadu(a.col_scale + j, n);
+      if (a.col_bias) x = x + Vec::loadu(a.col_bias + j, n);
+      if (a.shift_coef) x = x + vt * Vec::loadu(a.shift_coef + j, n);
+      if (r.pert) x = x - Vec::loadu(r.pert + j, n);
+      zv = x * vS;
+    } else {
+      Vec jac;
+      angular_nontarget_vec(Vec::loadu(r.c + j, n), Vec::loadu(r.pert + j, n), a.angular, vS, zv, jac);
+      jac.store(s.jac.data() + j);
+    }
+    if (n < V) zv = Vec::set(Vec(ninf), zv, n);
+    zv.store(z + j);
+    vmax = at::vec::maximum(vmax, zv);
+  }
+  return vmax;
+}
 
-  // Streamed linear rows without the FBL row shift: each row's gradient is written during the next row's
-  // pass 2 (exp_pass_with_prev), two rows of scratch per thread.
-  const bool pipelined = stream && affine && want_grad && !a.grad_row_shift;
-  at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
-    const FlushDenormals ftz;
-    std::vector<acc_t> zbuf(pipelined ? 2 * Cpad : Cpad), cbuf(cast_input ? Cpad : 0), pbuf(cloud ? Cpad : 0),
-        jbuf(generic ? Cpad : 0), qbuf(affine && !fused_cloud_offsets ? Cpad : 0), gbuf((want_grad && cast_input) ? Cpad : 0);
-    std::vector<float> nbuf((cloud && !a.noise && !fused_cloud_offsets) ? (C + 3) / 4 * 4 : 0);
-    acc_t* z = zbuf.data();
-    // pipelined: the previous row's gradient (exponentials in the other half of zbuf), written by pass 2
-    GradRow<acc_t> prev{};
-    acc_t* prev_out = nullptr;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t y = a.target[i];
-      scalar_t* grow = want_grad ? a.grad + i * C : nullptr;
-      if (y == a.ignore_index) {
-        a.row_loss[i] = 0;
-        if (grow) std::fill(grow, grow + C, scalar_t(0));
-        if (a.grad_row_shift) a.grad_row_shift[i] = 0;
-        continue;
-      }
-      const acc_t S = a.target_scale ? a.target_scale[y] : a.scale;
-      const acc_t t = a.row_shift ? a.row_shift[i] : acc_t(0);
-      const scalar_t* in_row = a.input + i * C;
-      const acc_t* c;
-      if (cast_input) {
-        at::vec::convert(in_row, cbuf.data(), C);
-        c = cbuf.data();
-      } else {
-        c = reinterpret_cast<const acc_t*>(in_row);
-      }
-      // Cloud: linear mode subtracts noise_mul |clamp(eps, -1, 1)| delta_j; GCLAng adds the angle
-      // (pi/2) epsilon delta_j |clamp(eps, -1, 1)| to the margin.
-      const acc_t* pert = nullptr;
-      if (cloud) {
-        acc_t* p = pbuf.data();
-        if (a.noise) {
-#pragma omp simd
-          for (int64_t j = 0; j < C; ++j) p[j] = cloud_perturbation(a, j, a.noise[i * C + j]);
-        } else if (fused_cloud_offsets) {
-          // GCL, AVX-512, float: pass 1 draws the offsets itself (avx512::cloud_logits_row); of the
-          // perturbation only the target's is read (by elem(y))
-          p[y] = cloud_perturbation(
-              a, y, scale_noise<acc_t>(philox::normal_at(a.seed, a.offset, static_cast<uint64_t>(i), y)));
-        } else {
-          float* nz = nbuf.data();
-          fill_row_normals(a.seed, a.offset, static_cast<uint64_t>(i), (C + 3) / 4, nz);
-          if (pert_only) {  // GCL: the offset vector of pass 1 is -pert, written in the same loop
-            acc_t* qb = qbuf.data();
-#pragma omp simd
-            for (int64_t j = 0; j < C; ++j) {
-              const acc_t pj = cloud_perturbation(a, j, scale_noise<acc_t>(nz[j]));
-              p[j] = pj;
-              qb[j] = -pj;
-            }
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < C; ++j) p[j] = cloud_perturbation(a, j, scale_noise<acc_t>(nz[j]));
-          }
-        }
-        pert = p;
-      }
-      auto elem = [&](int64_t j) { return element_logit(a, j, y, S, t, pert ? pert[j] : acc_t(0), c[j]); };
+// Label smoothing's sum_j w_j (z_j - shift), in the shifted frame like the log-sum-exp so that a large
+// common offset of the logits cancels exactly.
+template <typename scalar_t, typename acc_t>
+LTK_ROW_STEP acc_t smoothing_sum(const MarginCeArgs<scalar_t, acc_t>& a, const acc_t* z, acc_t shift) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec vswz(0);
+  const Vec vshift(shift);
+  for (int64_t j = 0; j < a.C; j += V) {
+    const int64_t n = std::min<int64_t>(V, a.C - j);
+    const Vec zs = Vec::set(Vec(0), Vec::loadu(z + j, n) - vshift, n);
+    vswz = vswz + (a.weight ? zs * Vec::loadu(a.weight + j, n) : zs);
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, vswz);
+}
 
-      // ---- pass 1: logits (and, for angular + cloud, the jacobian) and max
-      Vec vmax(ninf);
-      const Vec vS(S);
-      if (fused_cloud_offsets) {  // GCL: z_j = S (c_j + q_j) with the offsets q drawn in the same loop
-#if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (std::is_same_v<acc_t, float>) {
-          vmax = avx512::cloud_logits_row(a.seed, a.offset, static_cast<uint64_t>(i), C, a.noise_mul, a.cloud, c, S,
-                                          z);
-        }
-#endif
-      } else if (affine) {
-        // z_j = S (r_j c_j + q_j) with q_j = b_j + t beta_j - pert_j gathered first, so that the hot loop
-        // is one of four instantiations with no per-element option tests
-        const acc_t* q = nullptr;
-        if (a.col_bias && !a.shift_coef && !pert) {
-          q = a.col_bias;
-        } else if (pert_only && !a.noise) {
-          q = qbuf.data();  // filled with -perturbation above
-        } else if (a.col_bias || a.shift_coef || pert) {
-          acc_t* qb = qbuf.data();
-          if (a.col_bias) std::copy(a.col_bias, a.col_bias + C, qb);
-          else std::fill(qb, qb + C, acc_t(0));
-          if (a.shift_coef) at::vec::map2([t](Vec v, Vec b) { return v + Vec(t) * b; }, qb, qb, a.shift_coef, C);
-          if (pert) at::vec::map2([](Vec v, Vec p) { return v - p; }, qb, qb, pert, C);
-          q = qb;
-        }
-        vmax = a.col_scale ? (q ? logits_row<true, true>(c, a.col_scale, q, vS, z, C)
-                                : logits_row<true, false>(c, a.col_scale, q, vS, z, C))
-                           : (q ? logits_row<false, true>(c, a.col_scale, q, vS, z, C)
-                                : logits_row<false, false>(c, a.col_scale, q, vS, z, C));
-      } else {
-        const Vec vt(t);
-        for (int64_t j = 0; j < C; j += V) {
-          const int64_t n = std::min<int64_t>(V, C - j);
-          Vec zv;
-          if (!generic) {
-            Vec x = Vec::loadu(c + j, n);
-            if (clamp_c) x = at::vec::clamp(x, Vec(-1), Vec(1));
-            if (a.col_scale) x = x * Vec::loadu(a.col_scale + j, n);
-            if (a.col_bias) x = x + Vec::loadu(a.col_bias + j, n);
-            if (a.shift_coef) x = x + vt * Vec::loadu(a.shift_coef + j, n);
-            if (pert) x = x - Vec::loadu(pert + j, n);
-            zv = x * vS;
-          } else {
-            Vec jac;
-            angular_nontarget_vec(Vec::loadu(c + j, n), Vec::loadu(pert + j, n), a.angular, vS, zv, jac);
-            jac.store(jbuf.data() + j);
-          }
-          if (n < V) zv = Vec::set(Vec(ninf), zv, n);
-          zv.store(z + j);
-          vmax = at::vec::maximum(vmax, zv);
-        }
-      }
-      acc_t zmax = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
-      // The target element (margin, angular transform) is recomputed with the scalar formula; the vector
-      // max saw its margin-free value.
-      const acc_t z_free = z[y];
-      const ElemOut<acc_t> ty = elem(y);
-      z[y] = ty.z;
-      const acc_t jac_y = ty.dzdc;
-      const acc_t z_t = ty.z;
-      zmax = softmax_shift(z, Cpad, zmax, z_free, z_t);
-      const acc_t shift = zmax;
-      // label smoothing's sum_j w_j (z_j - shift), in the shifted frame like the log-sum-exp so that a large
-      // common offset of the logits cancels exactly
-      acc_t swz = 0;
-      if (smoothing) {
-        Vec vswz(0);
-        const Vec vshift(shift);
-        for (int64_t j = 0; j < C; j += V) {
-          const int64_t n = std::min<int64_t>(V, C - j);
-          const Vec zs = Vec::set(Vec(0), Vec::loadu(z + j, n) - vshift, n);
-          vswz = vswz + (a.weight ? zs * Vec::loadu(a.weight + j, n) : zs);
-        }
-        swz = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vswz);
-      }
+// Pass 2: e_j = exp(z_j - shift) in place; returns the sum. While it computes from L1 it pulls the next
+// row's input into L2 (one line per vector for 512-bit float; prefetches past the end of the tensor are
+// harmless: 6-15% of the fp32 kernel), and a pending pipelined gradient (prev_out) is written meanwhile.
+template <typename acc_t>
+LTK_ROW_STEP acc_t exp_pass(acc_t* z, int64_t Cpad, acc_t shift, const char* next_row, int64_t in_elem,
+                            const GradRow<acc_t>& prev, acc_t*& prev_out, int64_t C) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec vsum(0);
+  if (prev_out) {
+    const bool pD = prev.D != acc_t(0);
+    auto pass = prev.r ? (pD ? exp_pass_with_prev<true, true, acc_t> : exp_pass_with_prev<true, false, acc_t>)
+                       : (pD ? exp_pass_with_prev<false, true, acc_t> : exp_pass_with_prev<false, false, acc_t>);
+    vsum = pass(z, Cpad, shift, next_row, in_elem, prev, prev_out, C);
+    prev_out = nullptr;
+  } else {
+    const Vec vshift(shift);
+    for (int64_t j = 0; j < Cpad; j += V) exp_vec(z, j, vshift, next_row, in_elem, vsum);
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, vsum);
+}
 
-      // ---- pass 2: exp and sum
-      // While this pass computes from L1, pull the next row's input into L2 (one line per vector for
-      // 512-bit float; prefetches past the end of the tensor are harmless): 6-15% of the fp32 kernel.
-      const char* next_row = (i + 1 < end) ? reinterpret_cast<const char*>(a.input + (i + 1) * C) : nullptr;
-      constexpr int64_t in_elem = sizeof(scalar_t);
-      Vec vsum(0);
-      if (prev_out) {
-        const bool pD = prev.D != acc_t(0);
-        auto pass = prev.r ? (pD ? exp_pass_with_prev<true, true, acc_t> : exp_pass_with_prev<true, false, acc_t>)
-                           : (pD ? exp_pass_with_prev<false, true, acc_t> : exp_pass_with_prev<false, false, acc_t>);
-        vsum = pass(z, Cpad, shift, next_row, in_elem, prev, prev_out, C);
-        prev_out = nullptr;
-      } else {
-        const Vec vshift(shift);
-        for (int64_t j = 0; j < Cpad; j += V) exp_vec(z, j, vshift, next_row, in_elem, vsum);
-      }
-      const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vsum);
-      const acc_t w_t = a.weight ? a.weight[y] : acc_t(1);
-      // log-sum-exp, target logit and smoothing sum all relative to the shift (see row_coefficients)
-      const RowCoef<acc_t> rc = row_coefficients<acc_t>(std::log(sum), z_t - shift, swz, w_t, *a.weight_sum,
-                                                        a.smoothing, C, a.focal, a.gamma);
-      a.row_loss[i] = rc.loss;
-      if (!want_grad && !a.grad_row_shift) continue;
-
-      // ---- pass 3: gradient, already divided by the reduction denominator
-      const acc_t A = rc.a / sum * inv_denom, B = rc.b * inv_denom, D = rc.d * inv_denom;
-      const Vec vA(A), vD(D);
-      // dL/dz_j = A e_j - D w_j - B [j = y]; the target's -B enters through gz_y below.
-      auto dz_vec = [&](int64_t j, int64_t n) {
-        Vec gz = vA * Vec::loadu(z + j, n);  // lanes >= n load as 0
-        if (D != acc_t(0)) gz = gz - vD * (a.weight ? Vec::loadu(a.weight + j, n) : Vec(1));
-        return gz;
-      };
-      const acc_t gz_y = A * z[y] - D * (a.weight ? a.weight[y] : acc_t(1)) - B;
-      // FBL: dL/dt_i = S sum_j dL/dz_j beta_j, accumulated in the gradient pass.
-      Vec vgshift(0);
-      if (!want_grad) {
-        for (int64_t j = 0; j < C; j += V) {
-          const int64_t n = std::min<int64_t>(V, C - j);
-          vgshift = vgshift + dz_vec(j, n) * Vec::loadu(a.shift_coef + j, n);
-        }
-      } else {
-        acc_t* g = cast_input ? gbuf.data() : reinterpret_cast<acc_t*>(grow);
-        const acc_t gy = gz_y * jac_y;
-        if (affine) {
-          // dL/dc_j = S r_j (A e_j - D w_j) off the target; templated on r, D != 0 and the row shift
-          const GradRow<acc_t> gr{z, a.col_scale, a.weight, a.shift_coef, A, D, S, y, gy};
-          if (pipelined) {  // written by the next row's pass 2, or after the thread's last row
-            prev = gr;
-            prev_out = g;
-            z = (z == zbuf.data()) ? zbuf.data() + Cpad : zbuf.data();
-          } else {
-            vgshift = gr.store(g, C, stream, a.grad_row_shift != nullptr);
-          }
-        } else {
-          auto grad_vec = [&](int64_t j, int64_t n) {
-            const Vec gz = dz_vec(j, n);
-            if (a.grad_row_shift) vgshift = vgshift + gz * Vec::loadu(a.shift_coef + j, n);
-            Vec jac;
-            if (generic) {
-              jac = Vec::loadu(jbuf.data() + j, n);
-            } else {
-              jac = a.col_scale ? vS * Vec::loadu(a.col_scale + j, n) : vS;
-              if (clamp_c) {
-                const Vec cv = Vec::loadu(c + j, n);
-                jac = Vec::blendv(Vec(0), jac, (cv > Vec(-1)) & (cv < Vec(1)));
-              }
-            }
-            Vec out = gz * jac;
-            // the target's own derivative
-            if (static_cast<uint64_t>(y - j) < static_cast<uint64_t>(n)) out = with_lane(out, y - j, gy);
-            return out;
-          };
-          (store_row<acc_t>)(g, C, grad_vec, stream);
-        }
-        if (cast_input) at::vec::convert(g, grow, C);
-      }
-      if (a.grad_row_shift) {
-        // the vector sum used A e_y - D w_y for the target; its true derivative has -B as well
-        const acc_t vs = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vgshift);
-        a.grad_row_shift[i] = (vs - B * a.shift_coef[y]) * S;
+// Pass 3 of an angular row: dL/dc_j = (A e_j - D w_j) dz_j/dc_j with the jacobian stored by pass 1
+// (generic) or S r_j masked by ArcFace's clamp, gy at the target; returns the lane-wise FBL row-shift sum.
+template <typename scalar_t, typename acc_t>
+LTK_ROW_STEP Vectorized<acc_t> angular_gradient_pass(const MarginCeArgs<scalar_t, acc_t>& a, const RowPlan<scalar_t,
+                                                     acc_t>& p, const RowScratch<scalar_t, acc_t>& s,
+                                                     const RowState<acc_t>& r, const acc_t* z, acc_t A, acc_t D,
+                                                     acc_t gy, acc_t* g) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vA(A), vD(D), vS(r.S);
+  Vec vgshift(0);
+  auto grad_vec = [&](int64_t j, int64_t n) {
+    Vec gz = vA * Vec::loadu(z + j, n);  // lanes >= n load as 0
+    if (D != acc_t(0)) gz = gz - vD * (a.weight ? Vec::loadu(a.weight + j, n) : Vec(1));
+    if (a.grad_row_shift) vgshift = vgshift + gz * Vec::loadu(a.shift_coef + j, n);
+    Vec jac;
+    if (p.generic) {
+      jac = Vec::loadu(s.jac.data() + j, n);
+    } else {
+      jac = a.col_scale ? vS * Vec::loadu(a.col_scale + j, n) : vS;
+      if (p.clamp_c) {
+        const Vec cv = Vec::loadu(r.c + j, n);
+        jac = Vec::blendv(Vec(0), jac, (cv > Vec(-1)) & (cv < Vec(1)));
       }
     }
-    if (prev_out) prev.store(prev_out, C, stream, /*shift=*/false);  // the last row's gradient
+    Vec out = gz * jac;
+    // the target's own derivative
+    if (static_cast<uint64_t>(r.y - j) < static_cast<uint64_t>(n)) out = with_lane(out, r.y - j, gy);
+    return out;
+  };
+  (store_row<acc_t>)(g, a.C, grad_vec, p.stream);
+  return vgshift;
+}
+
+// dL/dt_i without a gradient output (FBL's row shift alone): sum_j (A e_j - D w_j) beta_j lane-wise.
+template <typename scalar_t, typename acc_t>
+LTK_ROW_STEP Vectorized<acc_t> row_shift_sum(const MarginCeArgs<scalar_t, acc_t>& a, const acc_t* z, acc_t A,
+                                             acc_t D) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vA(A), vD(D);
+  Vec vgshift(0);
+  for (int64_t j = 0; j < a.C; j += V) {
+    const int64_t n = std::min<int64_t>(V, a.C - j);
+    Vec gz = vA * Vec::loadu(z + j, n);
+    if (D != acc_t(0)) gz = gz - vD * (a.weight ? Vec::loadu(a.weight + j, n) : Vec(1));
+    vgshift = vgshift + gz * Vec::loadu(a.shift_coef + j, n);
+  }
+  return vgshift;
+}
+
+// One row: the three passes, the loss, and the gradient (or, pipelined, the gradient left in `prev` for
+// the next row's pass 2, with z switched to the other scratch row).
+template <typename scalar_t, typename acc_t>
+LTK_ROW_STEP void margin_ce_row(const MarginCeArgs<scalar_t, acc_t>& a, const RowPlan<scalar_t, acc_t>& p,
+                                RowScratch<scalar_t, acc_t>& s, int64_t i, int64_t end, acc_t*& z, GradRow<acc_t>& prev,
+                                acc_t*& prev_out) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t C = a.C;
+  RowState<acc_t> r;
+  r.i = i;
+  r.y = a.target[i];
+  scalar_t* grow = p.want_grad ? a.grad + i * C : nullptr;
+  if (r.y == a.ignore_index) {
+    ignored_row(a, i, grow);
+    return;
+  }
+  const int64_t y = r.y;
+  r.S = a.target_scale ? a.target_scale[y] : a.scale;
+  r.t = a.row_shift ? a.row_shift[i] : acc_t(0);
+  r.c = row_cosines(a, p, s, i);
+  r.pert = row_perturbation(a, p, s, i, y);
+
+  // ---- pass 1: logits (and, for angular + cloud, the jacobian) and max
+  const Vec vmax = p.affine ? linear_logits_pass(a, p, s, r, z) : angular_logits_pass(a, p, s, r, z);
+  acc_t zmax = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& q) { return at::vec::maximum(x, q); }, vmax);
+  // The target element (margin, angular transform) is recomputed with the scalar formula; the vector
+  // max saw its margin-free value.
+  const acc_t z_free = z[y];
+  const ElemOut<acc_t> ty = element_logit(a, y, y, r.S, r.t, r.pert ? r.pert[y] : acc_t(0), r.c[y]);
+  z[y] = ty.z;
+  r.jac_y = ty.dzdc;
+  r.z_t = ty.z;
+  const acc_t shift = softmax_shift(z, p.Cpad, zmax, z_free, r.z_t);
+  const acc_t swz = p.smoothing ? smoothing_sum(a, z, shift) : acc_t(0);
+
+  // ---- pass 2: exp and sum
+  const char* next_row = (i + 1 < end) ? reinterpret_cast<const char*>(a.input + (i + 1) * C) : nullptr;
+  const acc_t sum = exp_pass(z, p.Cpad, shift, next_row, int64_t(sizeof(scalar_t)), prev, prev_out, C);
+  const acc_t w_t = a.weight ? a.weight[y] : acc_t(1);
+  // log-sum-exp, target logit and smoothing sum all relative to the shift (see row_coefficients)
+  const RowCoef<acc_t> rc = row_coefficients<acc_t>(std::log(sum), r.z_t - shift, swz, w_t, *a.weight_sum,
+                                                    a.smoothing, C, a.focal, a.gamma);
+  a.row_loss[i] = rc.loss;
+  if (!p.want_grad && !a.grad_row_shift) return;
+
+  // ---- pass 3: gradient, already divided by the reduction denominator:
+  // dL/dz_j = A e_j - D w_j - B [j = y]; the target's -B enters through gz_y.
+  const acc_t inv_denom = *a.inv_denom;
+  const acc_t A = rc.a / sum * inv_denom, B = rc.b * inv_denom, D = rc.d * inv_denom;
+  const acc_t gz_y = A * z[y] - D * (a.weight ? a.weight[y] : acc_t(1)) - B;
+  // FBL: dL/dt_i = S sum_j dL/dz_j beta_j, accumulated in the gradient pass.
+  Vec vgshift(0);
+  if (!p.want_grad) {
+    vgshift = row_shift_sum(a, z, A, D);
+  } else {
+    acc_t* g = p.cast_input ? s.g.data() : reinterpret_cast<acc_t*>(grow);
+    const acc_t gy = gz_y * r.jac_y;
+    if (p.affine) {
+      // dL/dc_j = S r_j (A e_j - D w_j) off the target; templated on r, D != 0 and the row shift
+      const GradRow<acc_t> gr{z, a.col_scale, a.weight, a.shift_coef, A, D, r.S, y, gy};
+      if (p.pipelined) {  // written by the next row's pass 2, or after the thread's last row
+        prev = gr;
+        prev_out = g;
+        z = (z == s.z.data()) ? s.z.data() + p.Cpad : s.z.data();
+      } else {
+        vgshift = gr.store(g, C, p.stream, a.grad_row_shift != nullptr);
+      }
+    } else {
+      vgshift = angular_gradient_pass(a, p, s, r, z, A, D, gy, g);
+    }
+    if (p.cast_input) at::vec::convert(g, grow, C);
+  }
+  if (a.grad_row_shift) {
+    // the vector sum used A e_y - D w_y for the target; its true derivative has -B as well
+    const acc_t vs = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& q) { return x + q; }, vgshift);
+    a.grad_row_shift[i] = (vs - B * a.shift_coef[y]) * r.S;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
+  const RowPlan p = row_plan(a);
+  // ~4096 elements per task: at 128 x 100 two threads beat one by 8-15% of a training step (fork/join is
+  // ~1-2 us, a task ~5 us), and ATen's log_softmax goes parallel there too (A/B, bench harness)
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(a.C, 1));
+  at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
+    const FlushDenormals ftz;
+    RowScratch<scalar_t, acc_t> s(p);
+    acc_t* z = s.z.data();
+    // pipelined: the previous row's gradient (exponentials in the other half of s.z), written by pass 2
+    GradRow<acc_t> prev{};
+    acc_t* prev_out = nullptr;
+    for (int64_t i = begin; i < end; ++i) margin_ce_row(a, p, s, i, end, z, prev, prev_out);
+    if (prev_out) prev.store(prev_out, a.C, p.stream, /*shift=*/false);  // the last row's gradient
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if (stream) _mm_sfence();  // non-temporal stores are visible to other threads after this
+    if (p.stream) _mm_sfence();  // non-temporal stores are visible to other threads after this
 #endif
   });
 }
+
+#undef LTK_ROW_STEP
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
