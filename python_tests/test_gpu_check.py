@@ -50,7 +50,9 @@ def test_dry_run_lists_build_tests_bench_in_order_and_runs_nothing(tmp_path):
         return hits[0]
 
     (ib, build), (it, tests), (ibench, bench) = step("build"), step("tests"), step("bench")
-    assert ib < it < ibench
+    ihead, head = step("head")
+    assert ib < it < ibench < ihead
+    assert f"bench/bench_cuda_head.py --out {out} --budget" in head and head.endswith(f"> {out}/head.log")
     assert "setup.py build_ext --inplace" in build and "TORCH_CUDA_ARCH_LIST=" in build and "MAX_JOBS=16" in build
     assert "LTK_BUILD_CUDA=1" in build and build.endswith(f"> {out}/build.log")
     assert "-m pytest python_tests" in tests and "-p pytest_cuda_only" in tests
@@ -206,3 +208,41 @@ def test_budget_spent_leaves_rows_out_but_writes_the_files(tmp_path):
     doc = json.loads((tmp_path / "bench_cuda.json").read_text())
     assert doc["rows"] == [] and doc["meta"]["rows_left_out"] == 2 and not doc["meta"]["complete"]
     assert "Incomplete run" in (tmp_path / "bench_cuda.md").read_text()
+
+
+# ---- bench/bench_cuda_head.py --tiny on the CPU -------------------------------------------------------------
+HEAD_BENCH = os.path.join(ROOT, "bench", "bench_cuda_head.py")
+
+
+def test_head_tiny_run_writes_rows_that_agree(tmp_path):
+    from bench import bench_cuda_head as H
+
+    p = _run([sys.executable, HEAD_BENCH, "--tiny", "--out", str(tmp_path)])
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads((tmp_path / "bench_cuda_head.json").read_text())
+    assert doc["meta"]["complete"]
+    rows = doc["rows"]
+    assert {(r["loss"], r["dtype"]) for r in rows} == {(loss, d) for loss in H.LOSSES for d in H.DTYPES}
+    for r in rows:
+        for impl in H.IMPLS:
+            assert math.isfinite(r[impl]["us"]) and r[impl]["us"] > 0, (r["loss"], r["dtype"], impl)
+        a = r["agree"]
+        tol_loss, tol_grad = B.AGREE_TOL[r["dtype"]]
+        assert a["ok"] and a["loss_err"] <= tol_loss and max(a["dx_err"], a["dw_err"]) <= tol_grad, a
+        assert math.isfinite(a["chunked_loss"]) and a["chunked_loss"] > 0
+    md = (tmp_path / "bench_cuda_head.md").read_text()
+    assert "| " + " | ".join(H.MD_COLUMNS) + " |" in md
+    assert sum(ln.startswith("|") and "x16x" in ln for ln in md.splitlines()) == len(rows)
+
+
+def test_head_memory_target_arithmetic():
+    from bench import bench_cuda_head as H
+
+    (n, d, c), limit = H.MEMORY_TARGET
+    r = H.HeadRow("LDAM", n, d, c, "bf16")
+    r.impls = {"chunked": B.Measurement(us=1.0, peak_bytes=100), "eager": B.Measurement(us=9.0, peak_bytes=2000)}
+    (t,) = H.targets([r])
+    assert t["value"] == 0.05 and t["met"] is True and r.ratio("eager", "chunked", "us") == 9.0
+    r.impls["chunked"].peak_bytes = 400  # 20% of eager's
+    assert H.targets([r])[0]["met"] is False
+

@@ -13,7 +13,10 @@
 #               (JUnit); pytest-xdist spreads them over 4 processes when it is installed;
 #   4. bench    python bench/bench_cuda.py --out OUTDIR --budget S -> OUTDIR/bench_cuda.md, bench_cuda.json,
 #               OUTDIR/bench.log (progress lines also on stdout);
-#   5. summary  OUTDIR/summary.md (also printed): each step's status and time, the test counts, the targets.
+#   5. head     python bench/bench_cuda_head.py --out OUTDIR --budget S (the cosine head with its loss:
+#               chunked vs fused vs eager, time and peak memory) -> OUTDIR/bench_cuda_head.md,
+#               bench_cuda_head.json, OUTDIR/head.log;
+#   6. summary  OUTDIR/summary.md (also printed): each step's status and time, the test counts, the targets.
 #
 # The whole run stays within GPU_CHECK_BUDGET seconds (default 470, under 8 minutes): every step has a
 # timeout (SIGINT first, so pytest and the benchmark still write what they have), the benchmark gets what
@@ -43,7 +46,8 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=$(realpath -m "$OUT")
 BUDGET=${GPU_CHECK_BUDGET:-470}
-BENCH_MIN=150   # seconds the benchmark keeps whatever the steps before it take
+BENCH_MIN=150   # seconds the benchmarks keep whatever the steps before them take
+HEAD_MIN=60     # of which the head benchmark's
 SECONDS=0
 
 find_python() {
@@ -117,14 +121,15 @@ for mod in ("pytest", "xdist", "triton"):
 ARCH=${TORCH_CUDA_ARCH_LIST:-}
 if [ "$DRY" = 1 ]; then
   echo "[dry-run] budget : ${BUDGET}s in all; timeouts: build <= 300s, tests <= 240s, bench: the rest" \
-       "(at least ${BENCH_MIN}s)"
+       "(at least ${BENCH_MIN}s, ${HEAD_MIN}s of it for the head benchmark)"
   echo "[dry-run] python : ${PY:-none that imports torch}"
   echo "[dry-run] env    : nvidia-smi, nvcc --version, python/torch/device info > $OUT/env.txt"
   ARCH=${ARCH:-"<major.minor of torch.cuda.get_device_capability()>"}
 else
   mkdir -p "$OUT"
   # a reused OUTDIR: no stale results in this run's summary
-  rm -f "$OUT"/{env.txt,build.log,tests.log,tests.xml,bench.log,bench_cuda.md,bench_cuda.json,summary.md}
+  rm -f "$OUT"/{env.txt,build.log,tests.log,tests.xml,bench.log,bench_cuda.md,bench_cuda.json,head.log}
+  rm -f "$OUT"/{bench_cuda_head.md,bench_cuda_head.json,summary.md}
   [ -n "$PY" ] || { echo "gpu_check: no python that imports torch (set PYTHON)" >&2; exit 1; }
   {
     echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cores: $(nproc)"
@@ -183,15 +188,25 @@ fi
 # ---- 4. bench -------------------------------------------------------------------------------------------
 if [ "$BUILT" = 1 ] || [ "$DRY" = 1 ]; then
   # the benchmark stops starting rows at its --budget; a row started just before may take a minute more
-  BENCH_BUDGET=$(max 30 $(($(left) - 75)))
-  [ "$DRY" = 0 ] || BENCH_BUDGET="<seconds left - 75>"
-  run_step bench "$(max 60 $(($(left) - 15)))" "$OUT/bench.log" tee \
+  BENCH_BUDGET=$(max 30 $(($(left) - 75 - HEAD_MIN)))
+  [ "$DRY" = 0 ] || BENCH_BUDGET="<seconds left - 75 - ${HEAD_MIN}>"
+  run_step bench "$(max 60 $(($(left) - 15 - HEAD_MIN)))" "$OUT/bench.log" tee \
     "${PY:-python}" bench/bench_cuda.py --out "$OUT" --budget "$BENCH_BUDGET" || true
 else
   skip_step bench "the build failed"
 fi
 
-# ---- 5. summary -----------------------------------------------------------------------------------------
+# ---- 5. head benchmark ----------------------------------------------------------------------------------
+if [ "$BUILT" = 1 ] || [ "$DRY" = 1 ]; then
+  HEAD_BUDGET=$(max 20 $(($(left) - 40)))
+  [ "$DRY" = 0 ] || HEAD_BUDGET="<seconds left - 40>"
+  run_step head "$(max 30 $(($(left) - 10)))" "$OUT/head.log" tee \
+    "${PY:-python}" bench/bench_cuda_head.py --out "$OUT" --budget "$HEAD_BUDGET" || true
+else
+  skip_step head "the build failed"
+fi
+
+# ---- 6. summary -----------------------------------------------------------------------------------------
 SUMMARY_PY='
 import json, os, sys
 import xml.etree.ElementTree as ET
@@ -220,12 +235,23 @@ if os.path.exists(js):
         [] if doc["targets"] else ["* none measured"])
     bad = ["%s %dx%d %s" % (r["loss"], *r["shape"], r["dtype"]) for r in doc["rows"] if not r["agree"].get("ok")]
     md += ["", "Fused vs reference: " + ("all rows agree" if not bad else "DISAGREE in " + ", ".join(bad))]
+js = os.path.join(out, "bench_cuda_head.json")
+if os.path.exists(js):
+    doc = json.load(open(js))
+    md += ["", "Head benchmark: %d rows%s (bench_cuda_head.md, bench_cuda_head.json). Targets:"
+           % (len(doc["rows"]), "" if doc["meta"]["complete"] else ", %d left out" % doc["meta"]["rows_left_out"])]
+    md += [""] + ["* %s: %s" % (t["target"], "not measured" if t["value"] is None else "%.3f %s" % (
+        t["value"], "met" if t["met"] else "NOT met")) for t in doc["targets"]] + (
+        [] if doc["targets"] else ["* none measured"])
+    bad = ["%s %s %s" % (r["loss"], "x".join(map(str, r["shape"])), r["dtype"]) for r in doc["rows"]
+           if not r["agree"].get("ok")]
+    md += ["", "Chunked head + loss vs eager: " + ("all rows agree" if not bad else "DISAGREE in " + ", ".join(bad))]
 open(os.path.join(out, "summary.md"), "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 '
 if [ "$DRY" = 1 ]; then
   echo "[dry-run] summary: step status, test counts from $OUT/tests.xml," \
-       "targets from $OUT/bench_cuda.json > $OUT/summary.md"
+       "targets from $OUT/bench_cuda.json and $OUT/bench_cuda_head.json > $OUT/summary.md"
   exit 0
 fi
 ROWS=()
