@@ -187,14 +187,19 @@ HEAD_CASES = {
 }
 
 
+HEAD_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and
+                           torch.ops.ltkernels.cosine_logits.default.has_kernel_for_dispatch_key("CUDA") else [])
+
+
+@pytest.mark.parametrize("device", HEAD_DEVICES)
 @pytest.mark.parametrize("case", list(HEAD_CASES), ids=str)
-def test_cosine_head_step_kernels(case):
+def test_cosine_head_step_kernels(case, device):
     layout, n, d, c, dtype = case
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
-    w0 = torch.randn(d, c, generator=g).to(dtype)
+    x = torch.randn(n, d, generator=g).to(dtype).to(device).requires_grad_()
+    w0 = torch.randn(d, c, generator=g).to(dtype).to(device)
     w = (w0 if layout == "in_out" else w0.t().contiguous()).requires_grad_()
-    grad = torch.randn(n, c, generator=g).to(dtype)
+    grad = torch.randn(n, c, generator=g).to(dtype).to(device)
 
     def step():
         out = ltkernels.cosine_logits(x, w if layout == "in_out" else w.t())
