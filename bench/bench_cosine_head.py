@@ -230,6 +230,16 @@ def _loss_module(case: str, C: int, impl: str):
     return mod.LDAMLoss(counts, max_m=0.5, s=30, weight=class_balanced_weights(counts, 0.9999).float())
 
 
+def _head_loss_call(impl: str, loss):
+    """``fn(x, w, t) -> loss`` of one head + loss impl: chunked (cosine_head_loss), fused (cosine_logits, then
+    the loss on the full logits), eager / compiled (F.normalize + mm + the loss; the caller compiles)."""
+    if impl == "chunked":
+        return lambda a, b, tt: cosine_head_loss(a, b, tt, loss)
+    if impl == "fused":
+        return lambda a, b, tt: loss(cosine_logits(a, b), tt)
+    return lambda a, b, tt: loss(_eager_head(a, b), tt)
+
+
 def test_head_loss(benchmark, record_case, peak_memory, bench_options, head_shape, loss_case, loss_impl):
     N, D, C = head_shape
     if loss_impl == "compiled" and head_shape == LARGE:
@@ -237,22 +247,13 @@ def test_head_loss(benchmark, record_case, peak_memory, bench_options, head_shap
     x, w, t, _ = make_inputs(N, D, C)
     xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     loss = _loss_module(loss_case, C, loss_impl)
-    if loss_impl == "chunked":
-        def run():
-            cosine_head_loss(xl, wl, t, loss).backward()
-    elif loss_impl == "fused":
-        def run():
-            loss(cosine_logits(xl, wl), t).backward()
-    else:
-        def eager(a, b, tt):
-            return loss(_eager_head(a, b), tt)
+    fn = _head_loss_call(loss_impl, loss)
+    if loss_impl == "compiled":
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend=bench_options.compile_backend, dynamic=False)
 
-        if loss_impl == "compiled":
-            torch._dynamo.reset()
-            eager = torch.compile(eager, backend=bench_options.compile_backend, dynamic=False)
-
-        def run():
-            eager(xl, wl, t).backward()
+    def run():
+        fn(xl, wl, t).backward()
 
     def step():
         xl.grad = wl.grad = None
@@ -389,17 +390,9 @@ def peak_memory_table(shape: tuple[int, int, int], cases=("head+LDAM", "head+GCL
         for impl in impls:
             xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
             loss = _loss_module(case, C, impl)
-            if impl == "chunked":
-                def run():
-                    cosine_head_loss(xl, wl, t, loss).backward()
-            elif impl == "fused":
-                def run():
-                    loss(cosine_logits(xl, wl), t).backward()
-            else:
-                def run():
-                    loss(_eager_head(xl, wl), t).backward()
+            fn = _head_loss_call(impl, loss)
             t0 = time.perf_counter()
-            peak[case, impl] = measure_peak_memory(run)
+            peak[case, impl] = measure_peak_memory(lambda: fn(xl, wl, t).backward())
             took = time.perf_counter() - t0
             ref = peak.get((case, "eager"))
             lines.append(f"| {case} | {impl} | {_mib(peak[case, impl])} | {took:.1f} | "

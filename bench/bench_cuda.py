@@ -241,6 +241,18 @@ class Row:
         nbytes = 2 * self.N * self.C * TORCH_DTYPES[self.dtype].itemsize
         return 100.0 * nbytes / bandwidth / (f.us * 1e-6)
 
+    def notes_cell(self) -> str:
+        """The row's notes, each impl's error or skip reason and the agreement check's error, for Markdown."""
+        notes = self.notes + [f"{k}: {m.error or m.skipped}" for k, m in self.impls.items() if m.error or m.skipped]
+        if "error" in self.agree:
+            notes.append(f"agreement check: {self.agree['error']}")
+        return "; ".join(notes).replace("|", "\\|")
+
+    def peak_mib_cell(self) -> str:
+        """Each impl's peak MiB, " / "-separated."""
+        return " / ".join(_fmt(None if m.peak_bytes is None else m.peak_bytes / 2**20, ".0f")
+                          for m in self.impls.values())
+
     def as_dict(self, bandwidth: float) -> dict[str, Any]:
         impls = {k: {a: v for a, v in m.__dict__.items() if v is not None} for k, m in self.impls.items()}
         return {"loss": self.loss, "shape": [self.N, self.C], "dtype": self.dtype, **impls,
@@ -448,14 +460,9 @@ def markdown(rows: list[Row], info: dict[str, Any], tgts: list[dict[str, Any]], 
         lines += [f"**Incomplete run**: {left_out} rows were not measured.", ""]
     lines += ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "|".join(["---"] * 3 + ["--:"] * 7 + ["---"] * 2) + "|"]
     for r in rows:
-        notes = r.notes + [f"{k}: {m.error or m.skipped}" for k, m in r.impls.items() if m.error or m.skipped]
-        if "error" in r.agree:
-            notes.append(f"agreement check: {r.agree['error']}")
-        mib = [_fmt(None if m.peak_bytes is None else m.peak_bytes / 2**20, ".0f") for m in r.impls.values()]
         cells = [r.loss, r.shape, r.dtype, *(r.impls[k].cell() for k in IMPLS),
                  _fmt(r.speedup("eager"), ".2f", "×"), _fmt(r.speedup("compiled"), ".2f", "×"),
-                 _fmt(r.roofline_pct(bw), ".1f", "%"), " / ".join(mib), _agree_cell(r.agree),
-                 "; ".join(notes).replace("|", "\\|")]
+                 _fmt(r.roofline_pct(bw), ".1f", "%"), r.peak_mib_cell(), _agree_cell(r.agree), r.notes_cell()]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Targets (reported, not asserted):", ""]
     lines += [f"* {_target_line(t)}" for t in tgts] or ["* none measured in this run"]
@@ -471,8 +478,12 @@ def write_outputs(out: str, rows: list[Row], info: dict[str, Any], opts: Options
             "dtypes": opts.dtypes, "losses": opts.losses, "compile": opts.compile,
             "compile_max_elems": opts.compile_max_elems, "budget_s": opts.budget}
     doc = {"meta": meta, "rows": [r.as_dict(info["bandwidth"]) for r in rows], "targets": tgts}
-    for name, text in (("bench_cuda.md", markdown(rows, info, tgts, left_out)),
-                       ("bench_cuda.json", json.dumps(doc, indent=1) + "\n")):
+    write_files(out, "bench_cuda", markdown(rows, info, tgts, left_out), doc)
+
+
+def write_files(out: str, stem: str, md: str, doc: dict[str, Any]) -> None:
+    """OUT/STEM.md and OUT/STEM.json, each replaced atomically (a run cut short keeps a whole file)."""
+    for name, text in ((stem + ".md", md), (stem + ".json", json.dumps(doc, indent=1) + "\n")):
         tmp = os.path.join(out, name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -574,10 +585,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"  {_target_line(t)}")
     print(f"\nwrote {os.path.join(args.out, 'bench_cuda.md')} and bench_cuda.json "
           f"({len(rows)}/{len(order)} rows, {time.perf_counter() - started:.0f}s)")
+    return exit_status("bench_cuda", rows)
+
+
+def exit_status(prog: str, rows: list) -> int:
+    """1 (after one stderr line naming them) when an impl raised or a row disagreed, else 0."""
     failed = [f"{r.loss} {r.shape} {r.dtype} {k}" for r in rows for k, m in r.impls.items() if m.error]
     failed += [f"{r.loss} {r.shape} {r.dtype} agreement" for r in rows if not r.agree.get("ok")]
     if failed:
-        print(f"bench_cuda: {len(failed)} failure(s): {'; '.join(failed)}", file=sys.stderr)
+        print(f"{prog}: {len(failed)} failure(s): {'; '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

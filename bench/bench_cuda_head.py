@@ -25,11 +25,10 @@ python_tests/test_gpu_check.py runs it without a GPU. Writes ``OUT/bench_cuda_he
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +38,8 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from bench.bench_cosine_head import _eager_head, _loss_module  # noqa: E402
-from bench.bench_cuda import AGREE_TOL, Backend, Measurement, Options, _error, _fmt, device_info, measure  # noqa: E402
+from bench.bench_cuda import (AGREE_TOL, Backend, Measurement, Options, Row, _error, _fmt, device_info,  # noqa: E402
+                              exit_status, measure, write_files)
 from bench.bench_losses import TORCH_DTYPES  # noqa: E402
 from ltkernels.cosine import cosine_head_loss, cosine_logits  # noqa: E402
 
@@ -59,15 +59,10 @@ def loss_module(loss: str, C: int, fused: bool):
 
 
 @dataclass
-class HeadRow:
-    loss: str
-    N: int
-    D: int
-    C: int
-    dtype: str
-    impls: dict[str, Measurement] = field(default_factory=dict)
-    agree: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+class HeadRow(Row):
+    """bench_cuda.py's row with the feature dimension D (the impls are IMPLS here)."""
+
+    D: int = 0
 
     @property
     def shape(self) -> str:
@@ -78,7 +73,7 @@ class HeadRow:
         va, vb = (getattr(a, attr, None) if a else None), (getattr(b, attr, None) if b else None)
         return None if va is None or vb is None or vb == 0 else va / vb
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, bandwidth: float = 0.0) -> dict[str, Any]:
         impls = {k: {a: v for a, v in m.__dict__.items() if v is not None} for k, m in self.impls.items()}
         return {"loss": self.loss, "shape": [self.N, self.D, self.C], "dtype": self.dtype, **impls,
                 "eager_over_chunked": self.ratio("eager", "chunked", "us"),
@@ -165,7 +160,8 @@ def agreement(row: HeadRow, x, w, t, backend: Backend) -> dict[str, Any]:
 
 
 def run_row(loss: str, shape: tuple[int, int, int], dtype: str, backend: Backend, opts: Options) -> HeadRow:
-    row = HeadRow(loss, *shape, dtype)
+    N, D, C = shape
+    row = HeadRow(loss, N, C, dtype, D=D)
     x, w, t = make_inputs(*shape, dtype, backend.device)
     for impl in IMPLS:
         row.impls[impl] = run_impl(row, impl, x, w, t, backend, opts)
@@ -203,14 +199,9 @@ def markdown(rows: list[HeadRow], info: dict[str, Any], tgts: list[dict[str, Any
         lines += [f"**Incomplete run**: {left_out} rows were not measured.", ""]
     lines += ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "|".join(["---"] * 3 + ["--:"] * 6 + ["---"] * 2) + "|"]
     for r in rows:
-        notes = r.notes + [f"{k}: {m.error or m.skipped}" for k, m in r.impls.items() if m.error or m.skipped]
-        if "error" in r.agree:
-            notes.append(f"agreement check: {r.agree['error']}")
-        mib = [_fmt(None if m.peak_bytes is None else m.peak_bytes / 2**20, ".0f") for m in r.impls.values()]
         cells = [r.loss, r.shape, r.dtype, *(r.impls[k].cell() for k in IMPLS),
-                 _fmt(r.ratio("eager", "chunked", "us"), ".2f", "×"), " / ".join(mib),
-                 _fmt(r.ratio("chunked", "eager", "peak_bytes"), ".3f"), _agree_cell(r.agree),
-                 "; ".join(notes).replace("|", "\\|")]
+                 _fmt(r.ratio("eager", "chunked", "us"), ".2f", "×"), r.peak_mib_cell(),
+                 _fmt(r.ratio("chunked", "eager", "peak_bytes"), ".3f"), _agree_cell(r.agree), r.notes_cell()]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Targets (reported, not asserted):", ""]
     lines += [f"* {t['target']}: " + ("not measured" if t["value"] is None else
@@ -224,12 +215,7 @@ def write_outputs(out: str, rows: list[HeadRow], info: dict[str, Any], left_out:
     tgts = targets(rows)
     doc = {"meta": {**info, "complete": left_out == 0, "rows_left_out": left_out},
            "rows": [r.as_dict() for r in rows], "targets": tgts}
-    for name, text in (("bench_cuda_head.md", markdown(rows, info, tgts, left_out)),
-                       ("bench_cuda_head.json", json.dumps(doc, indent=1) + "\n")):
-        tmp = os.path.join(out, name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out, name))
+    write_files(out, "bench_cuda_head", markdown(rows, info, tgts, left_out), doc)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -276,11 +262,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:  # tools/gpu_check.sh's timeout sends SIGINT: keep the finished rows
         print("bench_cuda_head: interrupted; writing the rows finished so far", flush=True)
     write_outputs(a.out, rows, info, len(order) - len(rows))
-    failed = [f"{r.loss} {r.shape} {r.dtype} {k}" for r in rows for k, m in r.impls.items() if m.error]
-    failed += [f"{r.loss} {r.shape} {r.dtype} agreement" for r in rows if not r.agree.get("ok")]
-    if failed:
-        print(f"bench_cuda_head: {len(failed)} failure(s): {'; '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    return exit_status("bench_cuda_head", rows)
 
 
 if __name__ == "__main__":

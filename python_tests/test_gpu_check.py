@@ -239,7 +239,7 @@ def test_head_memory_target_arithmetic():
     from bench import bench_cuda_head as H
 
     (n, d, c), limit = H.MEMORY_TARGET
-    r = H.HeadRow("LDAM", n, d, c, "bf16")
+    r = H.HeadRow("LDAM", n, c, "bf16", D=d)
     r.impls = {"chunked": B.Measurement(us=1.0, peak_bytes=100), "eager": B.Measurement(us=9.0, peak_bytes=2000)}
     (t,) = H.targets([r])
     assert t["value"] == 0.05 and t["met"] is True and r.ratio("eager", "chunked", "us") == 9.0
