@@ -1,5 +1,5 @@
 // Cosine classifier head (docs/methods.md §1.1): device-agnostic orchestration (cosine_head_common.cpp) over
-// three device primitives implemented by the CPU (cpu/cosine_head_cpu.cpp) and CUDA
+// the device primitives of CosineDeviceOps, implemented by the CPU (cpu/cosine_head_cpu.cpp) and CUDA
 // (cuda/cosine_head_cuda.cu) back ends. GEMMs go through at::mm (the CPU BLAS / cuBLAS).
 #pragma once
 

@@ -345,7 +345,7 @@ inline acc_t softmax_shift(const acc_t* z, int64_t Cpad, acc_t zmax, acc_t z_fre
   return at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, m);
 }
 
-// The row loop's step functions are force-inlined: the loop compiles to the same code as one function (a
+// The row loop's step functions are force-inlined, so that the loop compiles as one function (a
 // call per row cost 3-6% at 128 x 100), and each step keeps a name and a comment.
 #define LTK_ROW_STEP inline __attribute__((always_inline))
 
