@@ -40,10 +40,9 @@ using at::vec::Vectorized;
 // a single-float ln2 (its 1.9e-9 error times |n| <= 127: at most 2.4e-7 relative, and only far below the
 // max), a degree-5 polynomial fitted for relative error on |r| <= ln2 / 2 (1.4e-7 with its float
 // coefficients) and vscalefps for the exact 2^n. Measured over [-87, 0]: at most 4.3e-7 relative error
-// against double exp. This machine has one 512-bit FMA port and the exp is most of pass 2: 9 operations
-// against the previous 12 (Cody-Waite with a split ln2 and a degree-6 Taylor polynomial) made the fp32
-// 512x8142 LDAM kernel 7-9% faster (C++ A/B harness). x is clamped at -127 (max(c, x) keeps NaN), so -inf
-// gives 0 instead of inf - inf.
+// against double exp. 9 vector operations, because the exp is most of pass 2 and a CPU with one 512-bit FMA
+// port is bound by them (docs/cpu_kernel.md has the measured table). x is clamped at -127 (max(c, x) keeps
+// NaN), so -inf gives 0 instead of inf - inf.
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -69,8 +68,8 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& x) {
 }
 
 // Output rows larger than this (in total) are written with non-temporal stores: they cannot stay in the
-// 1.25 MiB-per-core L2 anyway, and skipping the read-for-ownership of every output line cut the fp32
-// 512x8142 kernel by ~20% here (bench/, side by side).
+// 1.25 MiB-per-core L2 anyway, and a plain store would first read every output line (read-for-ownership),
+// a third more memory traffic for a kernel bound by it.
 constexpr int64_t kStreamOutputBytes = int64_t(8) << 20;
 
 // One full vector through a non-temporal store (AVX-512 / AVX2; the caller issues the sfence), a plain
@@ -726,9 +725,9 @@ LTK_ROW_STEP void margin_ce_row(const MarginCeArgs<scalar_t, acc_t>& a, const Ro
 
 template <typename scalar_t, typename acc_t>
 void margin_ce_rows(const MarginCeArgs<scalar_t, acc_t>& a) {
-  const RowPlan p = row_plan(a);
-  // ~4096 elements per task: at 128 x 100 two threads beat one by 8-15% of a training step (fork/join is
-  // ~1-2 us, a task ~5 us), and ATen's log_softmax goes parallel there too (A/B, bench harness)
+  const auto p = row_plan(a);
+  // ~4096 elements per task: a task (~5 us) is then worth the fork/join (~1-2 us), so 128 x 100 runs on two
+  // threads, as ATen's log_softmax does
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(a.C, 1));
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
