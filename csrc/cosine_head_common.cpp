@@ -55,13 +55,6 @@ void check_float(const at::Tensor& t, const char* op, const char* name) {
                    " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
-// dtype of the norms, dot products and scale that go with data of dtype `t` (cosine_acc_t).
-at::ScalarType acc_dtype(at::ScalarType t) { return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t; }
-
-at::TensorOptions acc_options(const at::Tensor& like) {
-  return like.options().dtype(acc_dtype(like.scalar_type()));
-}
-
 void check_operands(const at::Tensor& x, const at::Tensor& w, double eps, const char* op) {
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": features must be 2-D (N, D), got shape ", x.sizes());
   TORCH_CHECK_VALUE(w.dim() == 2, op, ": weight must be 2-D (D, C), got shape ", w.sizes());

@@ -24,6 +24,15 @@
 
 namespace ltk {
 
+// dtype of the norms, dot products and scale that go with data of dtype `t` (cosine_acc_t), and the options
+// of such a tensor next to `like`.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+inline at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(acc_dtype(like.scalar_type()));
+}
+
 // Primitives on canonical operands: `m` is a contiguous 2-D matrix whose vectors are either its rows
 // (vec_rows) or its columns. Matrices share one floating dtype T; norm, dot-product and scale tensors have
 // dtype cosine_acc_t<T> (float32 for float16 / bfloat16); all are on one device.

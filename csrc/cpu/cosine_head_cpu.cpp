@@ -41,7 +41,7 @@ struct CpuCosineOps final : CosineDeviceOps {
   std::pair<at::Tensor, at::Tensor> scale_dots_impl(const at::Tensor& src, const at::Tensor& c, const at::Tensor& rn,
                                                     const at::Tensor& cn, double eps, at::Tensor& out, bool want_rows,
                                                     bool want_cols) const override {
-    const auto acc = src.options().dtype(src.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);  // acc_t
+    const auto acc = acc_options(src);
     at::Tensor row_dots = want_rows ? at::zeros({1, src.size(0)}, acc) : at::Tensor();
     at::Tensor col_dots = want_cols ? at::zeros({1, src.size(1)}, acc) : at::Tensor();
     if (src.numel() == 0) return {row_dots, col_dots};

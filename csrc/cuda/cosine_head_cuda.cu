@@ -57,14 +57,13 @@ struct CudaCosineOps final : CosineDeviceOps {
                                                     bool want_cols) const override {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const int64_t rows = src.size(0), cols = src.size(1);
-    const auto acc = src.options().dtype(src.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);  // acc_t
+    const auto acc = acc_options(src);
+    if (rows == 0 || cols == 0) {  // no tile: the sums are zero
+      return {want_rows ? at::zeros({1, rows}, acc) : at::Tensor(),
+              want_cols ? at::zeros({1, cols}, acc) : at::Tensor()};
+    }
     at::Tensor row_parts = want_rows ? at::empty({cosine_cuda::scale_dots_row_parts(cols), rows}, acc) : at::Tensor();
     at::Tensor col_parts = want_cols ? at::empty({cosine_cuda::scale_dots_col_parts(rows), cols}, acc) : at::Tensor();
-    if (rows == 0 || cols == 0) {  // no tile: the sums are zero
-      if (row_parts.defined()) row_parts = at::zeros({1, rows}, acc);
-      if (col_parts.defined()) col_parts = at::zeros({1, cols}, acc);
-      return {row_parts, col_parts};
-    }
     const at::Tensor a = src.contiguous();
     LTK_COSINE_DISPATCH(src.scalar_type(), "cosine_scale_dots_cuda", [&] {
       cosine_cuda::launch_scale_dots<scalar_t>(rows, cols, a.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(),
