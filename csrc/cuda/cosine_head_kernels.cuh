@@ -120,13 +120,14 @@ __device__ __forceinline__ void dot_set_part(const DotSet<T, A>& s, A (&part)[kT
 
 // One or two sets of dot products in one launch (the second: the weight's norms next to the features').
 // Blocks [0, n1) take the first set, the rest the second, where n1 is first_blocks capped so that a second
-// set with work keeps at least one block; a one-block grid does both in turn (any grid is valid: each part
-// strides over its own block count). Which set a block takes is block-uniform.
+// set with vectors keeps at least one block; a one-block grid does both in turn (any grid is valid: each
+// part strides over its own block count). Which set a block takes is block-uniform.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kRowThreads)
-    vec_dots_kernel(DotSet<T, A> first, DotSet<T, A> second, unsigned first_blocks, int second_work) {
+    vec_dots_kernel(DotSet<T, A> first, DotSet<T, A> second, unsigned first_blocks) {
   __shared__ A part[kTileRows][kTileCols + 1];
   const unsigned g = gridDim.x;
+  const bool second_work = (second.vec_rows ? second.rows : second.cols) > 0;
   unsigned n1 = first_blocks < g ? first_blocks : g;
   if (second_work && n1 == g && g > 1) n1 = g - 1;
   if (g == 1) {
@@ -222,11 +223,15 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// Row vectors: g_i <- alpha_i (g_i - c_i x_i), one warp per row. `scale`: one value or null (1).
-template <typename T, typename A>
+// Row vectors: g_i <- alpha_i (g_i - c_i x_i), one warp per row. `scale`: one value or null (1). The dot
+// products x_i · g_i are `n_parts` partial sums parts[p * rows + i] (kParts; the lanes add them in a fixed
+// order), else computed here (parts unused). Two instantiations rather than a runtime test: one kernel with
+// both ways spilled on sm_80.
+template <typename T, typename A, bool kParts>
 __global__ void __launch_bounds__(kRowThreads)
     row_tangent_kernel(int64_t rows, int64_t cols, T* __restrict__ g, const T* __restrict__ x,
-                       const A* __restrict__ norm, A eps, int prescaled, const A* __restrict__ scale) {
+                       const A* __restrict__ norm, const A* __restrict__ parts, int64_t n_parts, A eps, int prescaled,
+                       const A* __restrict__ scale) {
   const int lane = threadIdx.x % 32;
   const A s = scale ? scale[0] : A(1);
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32; row < rows;
@@ -234,7 +239,11 @@ __global__ void __launch_bounds__(kRowThreads)
     T* gr = g + row * cols;
     const T* xr = x + row * cols;
     A d = A(0);
-    for (int64_t j = lane; j < cols; j += 32) d += static_cast<A>(xr[j]) * static_cast<A>(gr[j]);
+    if constexpr (kParts) {
+      for (int64_t p = lane; p < n_parts; p += 32) d += parts[p * rows + row];
+    } else {
+      for (int64_t j = lane; j < cols; j += 32) d += static_cast<A>(xr[j]) * static_cast<A>(gr[j]);
+    }
     d = warp_sum(d);
     const A n = norm[row];
     const A c = cosine_tangent_coef(n, d, eps);
@@ -287,7 +296,7 @@ void launch_dot_sets(const DotSet<T, A>& first, const DotSet<T, A>& second, cuda
   const int64_t n1 = dot_set_blocks(first), n2 = dot_set_blocks(second);
   if (n1 + n2 == 0) return;
   LTK_LAUNCH((vec_dots_kernel<T, A>), dim3(static_cast<unsigned>(n1 + n2)), dim3(kRowThreads), 0, stream, first,
-             second, static_cast<unsigned>(n1), int(n2 > 0));
+             second, static_cast<unsigned>(n1));
 }
 
 // Vector dot products of two contiguous (rows, cols) matrices (b may be a: squared norms); vectors are
@@ -355,8 +364,8 @@ void launch_tangent(int64_t rows, int64_t cols, T* g, const T* x, bool vec_rows,
                     const A* scale, A* workspace, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
   if (vec_rows) {
-    LTK_LAUNCH((row_tangent_kernel<T, A>), dim3(grid_for(rows, kRowsPerBlock, kMaxGridX)), dim3(kRowThreads), 0, stream,
-               rows, cols, g, x, norm, eps, int(prescaled), scale);
+    LTK_LAUNCH((row_tangent_kernel<T, A, false>), dim3(grid_for(rows, kRowsPerBlock, kMaxGridX)), dim3(kRowThreads), 0,
+               stream, rows, cols, g, x, norm, static_cast<const A*>(nullptr), int64_t(0), eps, int(prescaled), scale);
   } else {
     launch_vec_dot<T, A>(rows, cols, x, g, /*vec_rows=*/false, /*sqrt_out=*/false, workspace, stream);
     LTK_LAUNCH((col_tangent_kernel<T, A>), col_tangent_grid(rows, cols, 1), dim3(kEwThreads), 0, stream, rows, cols,
@@ -365,15 +374,20 @@ void launch_tangent(int64_t rows, int64_t cols, T* g, const T* x, bool vec_rows,
 }
 
 // launch_tangent with known dot products: `dots` holds n_parts partial sums per vector
-// (dots[p * n_vec + k]; 1 part: the dots themselves). Row vectors recompute them in the same warp pass
-// (free: the row is read anyway); column vectors skip the column-dot kernel.
+// (dots[p * n_vec + k]; 1 part: the dots themselves), so no kernel computes them again (column vectors
+// skip the column-dot kernel).
 template <typename T, typename A = cosine_acc_t<T>>
 void launch_tangent_dots(int64_t rows, int64_t cols, T* g, const T* x, bool vec_rows, const A* norm, const A* dots,
                          int64_t n_parts, A eps, bool prescaled, const A* scale, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
   if (vec_rows) {
-    LTK_LAUNCH((row_tangent_kernel<T, A>), dim3(grid_for(rows, kRowsPerBlock, kMaxGridX)), dim3(kRowThreads), 0, stream,
-               rows, cols, g, x, norm, eps, int(prescaled), scale);
+    if (dots) {
+      LTK_LAUNCH((row_tangent_kernel<T, A, true>), dim3(grid_for(rows, kRowsPerBlock, kMaxGridX)), dim3(kRowThreads), 0,
+                 stream, rows, cols, g, x, norm, dots, n_parts, eps, int(prescaled), scale);
+    } else {  // (no parts to read: computed in the warp pass)
+      LTK_LAUNCH((row_tangent_kernel<T, A, false>), dim3(grid_for(rows, kRowsPerBlock, kMaxGridX)), dim3(kRowThreads),
+                 0, stream, rows, cols, g, x, norm, dots, n_parts, eps, int(prescaled), scale);
+    }
   } else {
     LTK_LAUNCH((col_tangent_kernel<T, A>), col_tangent_grid(rows, cols, n_parts), dim3(kEwThreads), 0, stream, rows,
                cols, g, x, norm, dots, n_parts, eps, int(prescaled), scale);
