@@ -92,16 +92,13 @@ def make_inputs(N: int, D: int, C: int, dtype: str, device: torch.device):
 
 
 def make_call(row: HeadRow, impl: str, device: torch.device) -> Callable:
-    """``fn(x, w, t, noise=None) -> loss`` of one impl."""
+    """``fn(x, w, t, noise=None) -> loss`` of one impl; ``noise`` (GCL's raw draw, the only loss given one)
+    is injected when not None."""
     loss = loss_module(row.loss, row.C, fused=impl != "eager").to(device)
-    gcl = row.loss == "GCL"
     if impl == "chunked":
         return lambda x, w, t, noise=None: cosine_head_loss(x, w, t, loss, noise=noise)
-    if impl == "fused":
-        return lambda x, w, t, noise=None: (loss(cosine_logits(x, w), t, noise=noise) if gcl and noise is not None
-                                            else loss(cosine_logits(x, w), t))
-    return lambda x, w, t, noise=None: (loss(_eager_head(x, w), t, noise=noise) if gcl and noise is not None
-                                        else loss(_eager_head(x, w), t))
+    head = cosine_logits if impl == "fused" else _eager_head
+    return lambda x, w, t, noise=None: loss(head(x, w), t) if noise is None else loss(head(x, w), t, noise=noise)
 
 
 def _noise(row: HeadRow, impl: str, x: torch.Tensor) -> Optional[torch.Tensor]:
